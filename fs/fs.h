@@ -1,0 +1,159 @@
+/* fs/fs.h — shared between the files of the fs room: the options, the
+ * account (what fs asks of the cache and the IMAP client), and the FUSE
+ * operations table. */
+#ifndef FS_FS_H
+#define FS_FS_H
+
+#define FUSE_USE_VERSION 312
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#include "cache/cache.h"
+#include "imap/imap.h"
+
+/* ---------------------------------------------------------------- options */
+
+/* Every option in one place; defaults are set before parsing (fs/options.c). */
+struct fs_options {
+    char *url;                  /* imaps://USER@HOST[:PORT] */
+    char *mountpoint;
+    char *password_file;
+    char *password_cmd;
+    char *cafile;
+    char *tls_verify;           /* "yes" (default) or "no" */
+    char *tls;                  /* NULL, or "none" */
+    unsigned connections;       /* pool size, default 4 */
+    double dir_cache_timeout;   /* seconds a listing is served before a refresh */
+    char *cache_size;           /* body cache limit, "256M" style */
+    unsigned timeout;           /* seconds for any one network wait */
+    char *trash;                /* rm moves here: a folder path, or "auto" for \Trash */
+    int readonly;               /* -o ro */
+    int foreground;             /* -f */
+    int debug;                  /* -d */
+    int show_help;
+    int show_version;
+
+    /* derived from the above by fs_options_finish() */
+    char *user;                 /* %40 decoded */
+    char *host;
+    unsigned port;
+    enum imap_tls_mode tls_mode;
+    uint64_t cache_bytes;
+};
+
+/* Parses argv into options; FUSE's own options stay in args.  Returns 0, or
+ * -1 after printing one line to stderr. */
+int fs_options_parse(struct fuse_args *args, struct fs_options *options);
+void fs_options_free(struct fs_options *options);
+void fs_options_usage(const char *progname);
+/* Reads the password from password_file, password_cmd, IMAPFS_PASSWORD or
+ * the terminal.  Returns a malloc'd string or NULL after printing why. */
+char *fs_password_get(const struct fs_options *options);
+
+/* ---------------------------------------------------------------- account */
+
+struct fs_account;
+
+/* Takes a logged-in first session (used to list folders, then pooled). */
+struct fs_account *fs_account_new(const struct fs_options *options,
+                                  const struct imap_config *config,
+                                  struct imap_session *first);
+void fs_account_free(struct fs_account *account);
+struct cache *fs_account_cache(struct fs_account *account);
+double fs_account_dir_timeout(const struct fs_account *account);
+
+/* LIST and make the folder tree match. */
+int fs_account_load_folders(struct fs_account *account);
+/* Makes sure the folder's UID table is no older than the listing timeout
+ * (force: refresh now).  0, -ENOENT (folder gone) or -EIO. */
+int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int force);
+/* The body of one message, referenced: release with fs_account_body_release.
+ * Fetches it, and the next messages of a sequential scan with it, on a miss. */
+int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid,
+                    struct cache_body **out);
+void fs_account_body_release(struct fs_account *account, struct cache_body *body);
+struct fs_notifier *fs_account_notifier(struct fs_account *account);
+/* Nonzero when the server lacks UIDPLUS: rm can only flag \Deleted, and the
+ * mount hides \Deleted messages so rm still looks like rm. */
+int fs_account_hides_deleted(const struct fs_account *account);
+
+/* --- changes; each leaves the account as asked or as it was --- */
+
+/* Moves a message to another folder; *new_uid is its UID there, 0 if the
+ * server did not say (the target is then re-listed). */
+int fs_account_move(struct fs_account *account, uint32_t from_id, uint32_t uid, uint32_t to_id,
+                    uint32_t *new_uid);
+/* Expunges exactly that message (or moves it to -o trash). */
+int fs_account_delete(struct fs_account *account, uint32_t folder_id, uint32_t uid);
+/* APPENDs a new message (line ends already CRLF); date < 0 for now. */
+int fs_account_append(struct fs_account *account, uint32_t folder_id, const char *data,
+                      size_t len, int64_t date, uint32_t *new_uid);
+/* Replaces the flags ("\\Seen $Work", validated by the caller). */
+int fs_account_store_flags(struct fs_account *account, uint32_t folder_id, uint32_t uid,
+                           const char *flags);
+int fs_account_create_folder(struct fs_account *account, uint32_t parent_id, const char *name);
+int fs_account_delete_folder(struct fs_account *account, uint32_t parent_id, const char *name);
+int fs_account_rename_folder(struct fs_account *account, uint32_t parent_id, const char *name,
+                             uint32_t new_parent_id, const char *new_name);
+
+/* ---------------------------------------------------------------- notifier */
+
+/* Queues kernel cache invalidations for a thread of their own (fs/notify.c):
+ * safe to call from request handlers, never under the cache lock's
+ * obligations.  Before fs_notifier_start and after stopping, they are
+ * dropped (nothing is cached in the kernel then). */
+struct fs_notifier;
+struct fs_notifier *fs_notifier_new(void);
+int fs_notifier_start(struct fs_notifier *notifier, struct fuse_session *session);
+void fs_notifier_free(struct fs_notifier *notifier);   /* stops the thread */
+void fs_notify_entry(struct fs_notifier *notifier, fuse_ino_t parent, const char *name);
+void fs_notify_inode(struct fs_notifier *notifier, fuse_ino_t ino);
+
+/* ---------------------------------------------------------------- FUSE ops */
+
+/* Inode numbers carry their meaning, so no per-message inode table exists:
+ *   FUSE_ROOT_ID (1)            the root folder (cache id CACHE_ROOT_ID)
+ *   folder id << 32             a folder
+ *   folder id << 32 | uid       a message (uid >= 1)
+ * The kernel's lookup counts therefore need no bookkeeping; forget is a
+ * no-op. */
+static inline fuse_ino_t fs_ino_folder(uint32_t folder_id)
+{
+    return folder_id == CACHE_ROOT_ID ? FUSE_ROOT_ID : (fuse_ino_t)folder_id << 32;
+}
+static inline fuse_ino_t fs_ino_message(uint32_t folder_id, uint32_t uid)
+{
+    return (fuse_ino_t)folder_id << 32 | uid;
+}
+
+extern const struct fuse_lowlevel_ops fs_operations;
+
+/* fs/write.c: the operations that change the account, and files being
+ * written (new mail, inode numbers with the top bit set). */
+int fs_is_newmail_ino(fuse_ino_t ino);
+/* A file being written or a fresh alias of new mail named name: 0 and *st,
+ * or -ENOENT. */
+int fs_newmail_lookup(struct fs_account *account, uint32_t folder_id, const char *name,
+                      struct stat *st);
+int fs_newmail_getattr(fuse_ino_t ino, struct stat *st);
+int fs_newmail_open(fuse_ino_t ino);
+void fs_newmail_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset);
+void fs_newmail_flush(fuse_req_t req, fuse_ino_t ino);
+void fs_newmail_release(fuse_req_t req, fuse_ino_t ino);
+void fs_write_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                     struct fuse_file_info *fi);
+void fs_write_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t offset,
+                    struct fuse_file_info *fi);
+void fs_write_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                      struct fuse_file_info *fi);
+void fs_write_unlink(fuse_req_t req, fuse_ino_t parent, const char *name);
+void fs_write_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
+                     const char *newname, unsigned int flags);
+void fs_write_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode);
+void fs_write_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name);
+void fs_write_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+                       size_t size, int flags);
+void fs_write_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name);
+
+#endif

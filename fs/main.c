@@ -1,0 +1,131 @@
+/* fs/main.c — imapfs: mount an IMAP account as a directory tree.
+ *
+ * Order matters for a clear failure: options, password, connect and log in,
+ * list folders, mount, and only then detach from the terminal.  A wrong
+ * password, an unreachable host or an untrusted certificate therefore print
+ * one line on stderr and exit non-zero with nothing mounted. */
+#include "fs/fs.h"
+#include "imap/log.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+
+int main(int argc, char *argv[])
+{
+    struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+    struct fs_options options;
+    struct imap_session *first = NULL;
+    struct fs_account *account = NULL;
+    struct fuse_session *se = NULL;
+    char *password = NULL, err[512], fsname[512];
+    int ret = 1;
+
+    signal(SIGPIPE, SIG_IGN);
+    if (fs_options_parse(&args, &options) < 0)
+        goto out;
+    if (options.show_help) {
+        fs_options_usage(argv[0]);
+        printf("\nFUSE options:\n");
+        fuse_lowlevel_help();
+        ret = 0;
+        goto out;
+    }
+    if (options.show_version) {
+        printf("imapfs %s\n", IMAPFS_VERSION);
+        fuse_lowlevel_version();
+        ret = 0;
+        goto out;
+    }
+    imap_log_set_level(options.debug ? IMAP_LOG_DEBUG : IMAP_LOG_WARN);
+
+    password = fs_password_get(&options);
+    if (!password)
+        goto out;
+    struct imap_config config = {
+        .host = options.host,
+        .port = options.port,
+        .user = options.user,
+        .password = password,
+        .tls = options.tls_mode,
+        .cafile = options.cafile,
+        .tls_verify = !(options.tls_verify && strcmp(options.tls_verify, "no") == 0),
+        .timeout = (int)options.timeout,
+    };
+    if (!config.tls_verify)
+        fprintf(stderr, "imapfs: warning: TLS certificate verification is off (-o tls_verify=no)\n");
+    if (config.tls == IMAP_TLS_NONE)
+        fprintf(stderr, "imapfs: warning: no TLS (-o tls=none); the password travels in clear\n");
+
+    if (imap_session_open(&config, &first, err, sizeof(err)) < 0) {
+        fprintf(stderr, "imapfs: %s\n", err);
+        goto out;
+    }
+    account = fs_account_new(&options, &config, first);
+    if (!account) {
+        imap_session_close(first);
+        fprintf(stderr, "imapfs: out of memory\n");
+        goto out;
+    }
+    if (fs_account_load_folders(account) < 0) {
+        fprintf(stderr, "imapfs: cannot list the folders of %s\n", options.host);
+        goto out;
+    }
+
+    /* Private by default: the kernel checks our 0600/0700 modes. */
+    snprintf(fsname, sizeof(fsname), "-ofsname=imapfs#%s@%s,subtype=imapfs,default_permissions",
+             options.user, options.host);
+    for (char *c = fsname; *c; c++)
+        if (*c == ' ')
+            *c = '_';
+    if (fuse_opt_add_arg(&args, fsname) < 0)
+        goto out;
+    se = fuse_session_new(&args, &fs_operations, sizeof(fs_operations), account);
+    if (!se) {
+        fprintf(stderr, "imapfs: bad FUSE options (see --help)\n");
+        goto out;
+    }
+    if (fuse_set_signal_handlers(se) != 0)
+        goto out;
+    if (fuse_session_mount(se, options.mountpoint) != 0) {
+        fprintf(stderr, "imapfs: cannot mount on %s\n", options.mountpoint);
+        goto out_handlers;
+    }
+    if (fuse_daemonize(options.foreground) != 0)
+        goto out_unmount;
+    if (!options.foreground)
+        imap_log_use_syslog();
+    /* Threads start only now: fuse_daemonize forks, and threads do not follow. */
+    if (fs_notifier_start(fs_account_notifier(account), se) < 0) {
+        log_error("cannot start the notifier thread");
+        goto out_unmount;
+    }
+
+    struct fuse_loop_config *loop = fuse_loop_cfg_create();
+    fuse_loop_cfg_set_max_threads(loop, 32);
+    fuse_loop_cfg_set_idle_threads(loop, 8);
+    ret = fuse_session_loop_mt(se, loop) != 0;
+    fuse_loop_cfg_destroy(loop);
+
+out_unmount:
+    fuse_session_unmount(se);
+out_handlers:
+    fuse_remove_signal_handlers(se);
+out:
+    /* The account (and its notifier thread) goes before the session it uses. */
+    fs_account_free(account);
+    if (se)
+        fuse_session_destroy(se);
+    if (password) {
+        OPENSSL_cleanse(password, strlen(password));
+        free(password);
+    }
+    fs_options_free(&options);
+    fuse_opt_free_args(&args);
+    return ret;
+}

@@ -1,0 +1,152 @@
+/* fs/notify.c — the notifier: the one thread that tells the kernel what
+ * changed.
+ *
+ * fuse_lowlevel_notify_inval_entry() takes the kernel's lock on the parent
+ * directory.  Called from inside a request handler for that directory (a
+ * rename, an unlink) it would wait for the very request it is part of and
+ * deadlock; called under our cache lock it could wait on a request that
+ * waits for the cache.  So handlers and the sync code only queue
+ * invalidations here, and this thread sends them, in order, with no lock of
+ * ours held.  A queued invalidation that reaches the kernel after the request
+ * that caused it has finished is exactly what we want. */
+#include "fs/fs.h"
+#include "imap/log.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum notice_kind { NOTICE_ENTRY, NOTICE_INODE, NOTICE_STOP };
+
+struct notice {
+    enum notice_kind kind;
+    fuse_ino_t parent;      /* NOTICE_ENTRY: the directory */
+    fuse_ino_t ino;         /* NOTICE_INODE */
+    struct notice *next;
+    char name[];            /* NOTICE_ENTRY: the name in parent */
+};
+
+struct fs_notifier {
+    struct fuse_session *session;
+    pthread_t thread;
+    int running;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    struct notice *head, *tail;     /* protected by lock */
+};
+
+static void *notifier_main(void *arg)
+{
+    struct fs_notifier *notifier = arg;
+
+    for (;;) {
+        pthread_mutex_lock(&notifier->lock);
+        while (!notifier->head)
+            pthread_cond_wait(&notifier->wake, &notifier->lock);
+        struct notice *notice = notifier->head;
+        notifier->head = notice->next;
+        if (!notifier->head)
+            notifier->tail = NULL;
+        pthread_mutex_unlock(&notifier->lock);
+
+        int ret = 0;
+        if (notice->kind == NOTICE_STOP) {
+            free(notice);
+            return NULL;
+        }
+        if (notice->kind == NOTICE_ENTRY)
+            ret = fuse_lowlevel_notify_inval_entry(notifier->session, notice->parent,
+                                                   notice->name, strlen(notice->name));
+        else
+            ret = fuse_lowlevel_notify_inval_inode(notifier->session, notice->ino, 0, 0);
+        /* ENOENT: the kernel did not know it; nothing to invalidate. */
+        if (ret < 0 && ret != -ENOENT)
+            log_debug("kernel invalidation failed: %s", strerror(-ret));
+        free(notice);
+    }
+}
+
+struct fs_notifier *fs_notifier_new(void)
+{
+    struct fs_notifier *notifier = calloc(1, sizeof(*notifier));
+    if (!notifier)
+        return NULL;
+    pthread_mutex_init(&notifier->lock, NULL);
+    pthread_cond_init(&notifier->wake, NULL);
+    return notifier;
+}
+
+static void enqueue(struct fs_notifier *notifier, struct notice *notice)
+{
+    pthread_mutex_lock(&notifier->lock);
+    if (!notifier->running && notice->kind != NOTICE_STOP) {
+        /* not mounted yet or already stopping: the kernel has nothing cached */
+        pthread_mutex_unlock(&notifier->lock);
+        free(notice);
+        return;
+    }
+    if (notifier->tail)
+        notifier->tail->next = notice;
+    else
+        notifier->head = notice;
+    notifier->tail = notice;
+    pthread_cond_signal(&notifier->wake);
+    pthread_mutex_unlock(&notifier->lock);
+}
+
+int fs_notifier_start(struct fs_notifier *notifier, struct fuse_session *session)
+{
+    notifier->session = session;
+    notifier->running = 1;
+    int ret = pthread_create(&notifier->thread, NULL, notifier_main, notifier);
+    if (ret != 0)
+        notifier->running = 0;
+    return -ret;
+}
+
+void fs_notifier_free(struct fs_notifier *notifier)
+{
+    if (!notifier)
+        return;
+    if (notifier->running) {
+        struct notice *stop = calloc(1, sizeof(*stop));
+        if (stop) {
+            stop->kind = NOTICE_STOP;
+            enqueue(notifier, stop);
+            pthread_join(notifier->thread, NULL);
+        }
+        notifier->running = 0;
+    }
+    while (notifier->head) {
+        struct notice *next = notifier->head->next;
+        free(notifier->head);
+        notifier->head = next;
+    }
+    pthread_mutex_destroy(&notifier->lock);
+    pthread_cond_destroy(&notifier->wake);
+    free(notifier);
+}
+
+void fs_notify_entry(struct fs_notifier *notifier, fuse_ino_t parent, const char *name)
+{
+    size_t len = strlen(name);
+    struct notice *notice = calloc(1, sizeof(*notice) + len + 1);
+
+    if (!notice)
+        return;
+    notice->kind = NOTICE_ENTRY;
+    notice->parent = parent;
+    memcpy(notice->name, name, len + 1);
+    enqueue(notifier, notice);
+}
+
+void fs_notify_inode(struct fs_notifier *notifier, fuse_ino_t ino)
+{
+    struct notice *notice = calloc(1, sizeof(*notice));
+
+    if (!notice)
+        return;
+    notice->kind = NOTICE_INODE;
+    notice->ino = ino;
+    enqueue(notifier, notice);
+}

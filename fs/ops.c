@@ -1,0 +1,545 @@
+/* fs/ops.c — the FUSE low-level operations.
+ *
+ * Every answer comes from the cache (fs/account.c fills it on a miss).
+ * Inode numbers encode folder id and UID (fs.h), so there is no inode
+ * table to keep in step with the kernel.  Messages are immutable per
+ * (UIDVALIDITY, UID): files are opened with keep_cache, so the kernel's page
+ * cache serves repeated reads; entries and attributes time out with the
+ * listing (-o dir_cache_timeout).
+ *
+ * The operations that change the account live in fs/write.c. */
+#include "fs/fs.h"
+#include "fs/names.h"
+#include "imap/log.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+/* Per open message file: the body, fetched at the first read. */
+struct open_message {
+    pthread_mutex_t lock;
+    struct cache_body *body;    /* protected by lock; referenced */
+};
+
+static struct fs_account *account_of(fuse_req_t req)
+{
+    return fuse_req_userdata(req);
+}
+
+static uint32_t ino_folder_id(fuse_ino_t ino)
+{
+    return ino == FUSE_ROOT_ID ? CACHE_ROOT_ID : (uint32_t)(ino >> 32);
+}
+
+static uint32_t ino_uid(fuse_ino_t ino)
+{
+    return ino == FUSE_ROOT_ID ? 0 : (uint32_t)ino;
+}
+
+static void folder_attr(const struct cache_folder *folder, struct stat *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->st_ino = fs_ino_folder(folder->id);
+    st->st_mode = S_IFDIR | 0700;
+    st->st_nlink = 2;
+    st->st_uid = getuid();
+    st->st_gid = getgid();
+    st->st_blksize = 65536;
+}
+
+static void message_attr(uint32_t folder_id, const struct cache_message *message, struct stat *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->st_ino = fs_ino_message(folder_id, message->uid);
+    st->st_mode = S_IFREG | 0600;
+    st->st_nlink = 1;
+    st->st_uid = getuid();
+    st->st_gid = getgid();
+    st->st_size = (off_t)message->size;
+    st->st_blocks = (blkcnt_t)((message->size + 511) / 512);
+    st->st_blksize = 65536;
+    st->st_mtim.tv_sec = st->st_atim.tv_sec = st->st_ctim.tv_sec = (time_t)message->internaldate;
+}
+
+/* A message the mount shows: present, and not a \Deleted one that stays on
+ * a server without UIDPLUS only because it cannot be expunged alone. */
+static struct cache_message *visible_message(struct fs_account *account,
+                                             struct cache_folder *folder, uint32_t uid)
+{
+    struct cache_message *message = folder ? cache_folder_find(folder, uid) : NULL;
+    if (message && (message->flags & CACHE_FLAG_DELETED) && fs_account_hides_deleted(account))
+        return NULL;
+    return message;
+}
+
+/* Makes sure a selectable folder's UID table is loaded and fresh. */
+static int ensure_listed(struct fs_account *account, uint32_t folder_id)
+{
+    return fs_account_load_folder(account, folder_id, 0);
+}
+
+static void fs_init(void *userdata, struct fuse_conn_info *conn)
+{
+    (void)userdata;
+    if (conn->capable & FUSE_CAP_ASYNC_READ)
+        conn->want |= FUSE_CAP_ASYNC_READ;
+    /* Readdirplus saves one lookup per entry for ls -l. */
+    if (conn->capable & FUSE_CAP_READDIRPLUS)
+        conn->want |= FUSE_CAP_READDIRPLUS;
+    conn->want &= ~(unsigned)FUSE_CAP_READDIRPLUS_AUTO;
+}
+
+static void fs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    struct fs_account *account = account_of(req);
+    struct cache *cache = fs_account_cache(account);
+    struct fuse_entry_param entry;
+    uint32_t folder_id = ino_folder_id(parent), uid;
+    double timeout = fs_account_dir_timeout(account);
+
+    if (ino_uid(parent) != 0) {
+        fuse_reply_err(req, ENOTDIR);
+        return;
+    }
+    memset(&entry, 0, sizeof(entry));
+    entry.attr_timeout = entry.entry_timeout = timeout;
+    int is_uid = fs_name_to_uid(name, &uid) == 0;
+    if (is_uid) {
+        int ret = ensure_listed(account, folder_id);
+        if (ret < 0 && ret != -ENOENT) {
+            fuse_reply_err(req, -ret);
+            return;
+        }
+    }
+    cache_lock(cache);
+    struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
+    if (!folder) {
+        cache_unlock(cache);
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    struct cache_folder *child = cache_folder_child(folder, name);
+    if (child) {
+        folder_attr(child, &entry.attr);
+        entry.ino = entry.attr.st_ino;
+        cache_unlock(cache);
+        fuse_reply_entry(req, &entry);
+        return;
+    }
+    struct cache_message *message = is_uid ? visible_message(account, folder, uid) : NULL;
+    if (message) {
+        message_attr(folder_id, message, &entry.attr);
+        entry.ino = entry.attr.st_ino;
+        entry.generation = folder->uidvalidity;
+        cache_unlock(cache);
+        fuse_reply_entry(req, &entry);
+        return;
+    }
+    cache_unlock(cache);
+    /* A file being written, or the name new mail was written under. */
+    if (fs_newmail_lookup(account, folder_id, name, &entry.attr) == 0) {
+        entry.ino = entry.attr.st_ino;
+        entry.attr_timeout = entry.entry_timeout = 0;
+        fuse_reply_entry(req, &entry);
+        return;
+    }
+    /* A negative entry, cached like the listing it was judged against. */
+    entry.ino = 0;
+    fuse_reply_entry(req, &entry);
+}
+
+static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct fs_account *account = account_of(req);
+    struct cache *cache = fs_account_cache(account);
+    uint32_t folder_id = ino_folder_id(ino), uid = ino_uid(ino);
+    struct stat st;
+
+    (void)fi;
+    if (fs_is_newmail_ino(ino)) {
+        int ret = fs_newmail_getattr(ino, &st);
+        if (ret < 0)
+            fuse_reply_err(req, -ret);
+        else
+            fuse_reply_attr(req, &st, 0);
+        return;
+    }
+    if (uid) {
+        cache_lock(cache);
+        struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
+        int loaded = folder && folder->listed_at > 0;
+        cache_unlock(cache);
+        if (!loaded)
+            ensure_listed(account, folder_id);
+    }
+    cache_lock(cache);
+    struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
+    struct cache_message *message = uid ? visible_message(account, folder, uid) : NULL;
+    if (!folder || (uid && !message)) {
+        cache_unlock(cache);
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    if (message)
+        message_attr(folder_id, message, &st);
+    else
+        folder_attr(folder, &st);
+    cache_unlock(cache);
+    fuse_reply_attr(req, &st, fs_account_dir_timeout(account));
+}
+
+static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct fs_account *account = account_of(req);
+    uint32_t folder_id = ino_folder_id(ino);
+
+    if (ino_uid(ino) != 0) {
+        fuse_reply_err(req, ENOTDIR);
+        return;
+    }
+    /* Refresh once per listing, not once per readdir chunk. */
+    int ret = ensure_listed(account, folder_id);
+    if (ret < 0) {
+        fuse_reply_err(req, -ret);
+        return;
+    }
+    fi->cache_readdir = 0;
+    fuse_reply_open(req, fi);
+}
+
+/* Directory offsets: 1 and 2 after "." and "..", 3 + i after the i-th
+ * subfolder, MESSAGE_OFFSET + uid after a message.  UID-based offsets keep a
+ * listing in progress correct when messages come and go. */
+#define MESSAGE_OFFSET ((off_t)1 << 33)
+
+/* One directory listing reply being filled. */
+struct listing {
+    fuse_req_t req;
+    char *buf;
+    size_t size, used;
+    int plus;
+    double timeout;
+};
+
+/* Adds one entry; 0 when the reply buffer is full. */
+static int add_entry(struct listing *listing, const char *name, const struct stat *st,
+                     off_t next_offset)
+{
+    size_t room = listing->size - listing->used, entry_size;
+
+    if (listing->plus) {
+        struct fuse_entry_param entry = { .ino = st->st_ino, .attr = *st,
+                                          .attr_timeout = listing->timeout,
+                                          .entry_timeout = listing->timeout };
+        entry_size = fuse_add_direntry_plus(listing->req, listing->buf + listing->used, room,
+                                            name, &entry, next_offset);
+    } else {
+        entry_size = fuse_add_direntry(listing->req, listing->buf + listing->used, room, name,
+                                       st, next_offset);
+    }
+    if (entry_size > room)
+        return 0;
+    listing->used += entry_size;
+    return 1;
+}
+
+static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, int plus)
+{
+    struct fs_account *account = account_of(req);
+    struct cache *cache = fs_account_cache(account);
+    uint32_t folder_id = ino_folder_id(ino);
+    struct listing listing = { req, malloc(size), size, 0, plus, fs_account_dir_timeout(account) };
+    char name[32];
+    struct stat st;
+
+    if (!listing.buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    cache_lock(cache);
+    struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
+    if (!folder) {
+        cache_unlock(cache);
+        free(listing.buf);
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    if (offset < 1) {
+        folder_attr(folder, &st);
+        if (!add_entry(&listing, ".", &st, 1))
+            goto full;
+        offset = 1;
+    }
+    if (offset < 2) {
+        /* ".." of the root lies outside the mount; the kernel resolves it */
+        folder_attr(folder->parent ? folder->parent : folder, &st);
+        if (!add_entry(&listing, "..", &st, 2))
+            goto full;
+        offset = 2;
+    }
+    if (offset < MESSAGE_OFFSET) {
+        off_t index = 0;
+        for (struct cache_folder *child = folder->children; child; child = child->next, index++) {
+            if (3 + index <= offset)
+                continue;
+            folder_attr(child, &st);
+            if (!add_entry(&listing, child->name, &st, 3 + index))
+                goto full;
+        }
+        offset = MESSAGE_OFFSET;
+    }
+    uint32_t after = (uint32_t)(offset - MESSAGE_OFFSET);
+    size_t lo = 0, hi = folder->count;
+    while (lo < hi) { /* the first message with uid > after */
+        size_t mid = lo + (hi - lo) / 2;
+        if (folder->messages[mid].uid <= after)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    for (size_t i = lo; i < folder->count; i++) {
+        const struct cache_message *message = &folder->messages[i];
+        if ((message->flags & CACHE_FLAG_DELETED) && fs_account_hides_deleted(account))
+            continue;
+        fs_name_from_uid(message->uid, name, sizeof(name));
+        message_attr(folder_id, message, &st);
+        if (!add_entry(&listing, name, &st, MESSAGE_OFFSET + message->uid))
+            goto full;
+    }
+full:
+    cache_unlock(cache);
+    fuse_reply_buf(req, listing.buf, listing.used);
+    free(listing.buf);
+}
+
+static void fs_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset,
+                       struct fuse_file_info *fi)
+{
+    (void)fi;
+    readdir_common(req, ino, size, offset, 0);
+}
+
+static void fs_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset,
+                           struct fuse_file_info *fi)
+{
+    (void)fi;
+    readdir_common(req, ino, size, offset, 1);
+}
+
+static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct fs_account *account = account_of(req);
+    struct cache *cache = fs_account_cache(account);
+    uint32_t folder_id = ino_folder_id(ino), uid = ino_uid(ino);
+
+    if (fs_is_newmail_ino(ino)) {
+        int ret = fs_newmail_open(ino);
+        if (ret < 0) {
+            fuse_reply_err(req, -ret);
+            return;
+        }
+        fi->fh = 0;
+        fi->direct_io = 1;
+        fuse_reply_open(req, fi);
+        return;
+    }
+    if (!uid) {
+        fuse_reply_err(req, EISDIR);
+        return;
+    }
+    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
+        fuse_reply_err(req, EACCES); /* messages are immutable */
+        return;
+    }
+    cache_lock(cache);
+    struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
+    int exists = visible_message(account, folder, uid) != NULL;
+    cache_unlock(cache);
+    if (!exists) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    struct open_message *open_message = calloc(1, sizeof(*open_message));
+    if (!open_message) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    pthread_mutex_init(&open_message->lock, NULL);
+    fi->fh = (uintptr_t)open_message;
+    fi->keep_cache = 1; /* immutable: the page cache stays valid */
+    fi->noflush = 1; /* nothing to flush on a message: spare the round trip */
+    if (fuse_reply_open(req, fi) == -ENOENT) {
+        /* the caller was interrupted; no release will come */
+        pthread_mutex_destroy(&open_message->lock);
+        free(open_message);
+    }
+}
+
+static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset,
+                    struct fuse_file_info *fi)
+{
+    struct fs_account *account = account_of(req);
+    struct open_message *open_message = (struct open_message *)(uintptr_t)fi->fh;
+    int ret = 0;
+
+    if (fs_is_newmail_ino(ino)) {
+        fs_newmail_read(req, ino, size, offset);
+        return;
+    }
+    pthread_mutex_lock(&open_message->lock);
+    if (!open_message->body)
+        ret = fs_account_body(account, ino_folder_id(ino), ino_uid(ino), &open_message->body);
+    struct cache_body *body = open_message->body;
+    pthread_mutex_unlock(&open_message->lock);
+    if (ret < 0) {
+        fuse_reply_err(req, ret == -ENOENT ? ENOENT : -ret);
+        return;
+    }
+    if (offset < 0 || (uint64_t)offset >= body->len) {
+        fuse_reply_buf(req, NULL, 0);
+        return;
+    }
+    size_t available = body->len - (size_t)offset;
+    fuse_reply_buf(req, body->data + offset, size < available ? size : available);
+}
+
+static void fs_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)fi;
+    if (fs_is_newmail_ino(ino))
+        fs_newmail_flush(req, ino); /* close() of new mail: APPEND now */
+    else
+        fuse_reply_err(req, 0);
+}
+
+static void fs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct open_message *open_message = (struct open_message *)(uintptr_t)fi->fh;
+
+    if (fs_is_newmail_ino(ino)) {
+        fs_newmail_release(req, ino);
+        return;
+    }
+    fs_account_body_release(account_of(req), open_message->body);
+    pthread_mutex_destroy(&open_message->lock);
+    free(open_message);
+    fuse_reply_err(req, 0);
+}
+
+static void fs_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+    struct statvfs st;
+
+    (void)ino;
+    memset(&st, 0, sizeof(st));
+    /* No quota known: large numbers, never an error. */
+    st.f_bsize = st.f_frsize = 4096;
+    st.f_blocks = st.f_bfree = st.f_bavail = 1ull << 30;
+    st.f_files = st.f_ffree = st.f_favail = 1ull << 32;
+    st.f_namemax = 255;
+    fuse_reply_statfs(req, &st);
+}
+
+/* ---------------------------------------------------------------- xattrs */
+
+#define XATTR_FLAGS "user.imap.flags"
+#define XATTR_UID "user.imap.uid"
+#define XATTR_UIDVALIDITY "user.imap.uidvalidity"
+
+static void reply_xattr_value(fuse_req_t req, const char *value, size_t size)
+{
+    size_t len = strlen(value);
+    if (size == 0)
+        fuse_reply_xattr(req, len);
+    else if (size < len)
+        fuse_reply_err(req, ERANGE);
+    else
+        fuse_reply_buf(req, value, len);
+}
+
+static void fs_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    struct cache *cache = fs_account_cache(account_of(req));
+    uint32_t folder_id = ino_folder_id(ino), uid = ino_uid(ino);
+    char number[24], *value = NULL;
+
+    if (!uid) {
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    cache_lock(cache);
+    struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
+    struct cache_message *message = folder ? cache_folder_find(folder, uid) : NULL;
+    if (!message) {
+        cache_unlock(cache);
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    if (strcmp(name, XATTR_FLAGS) == 0) {
+        value = cache_flags_format(message->flags, message->keywords);
+    } else if (strcmp(name, XATTR_UID) == 0) {
+        snprintf(number, sizeof(number), "%u", uid);
+        value = strdup(number);
+    } else if (strcmp(name, XATTR_UIDVALIDITY) == 0) {
+        snprintf(number, sizeof(number), "%u", folder->uidvalidity);
+        value = strdup(number);
+    } else {
+        cache_unlock(cache);
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    cache_unlock(cache);
+    if (!value) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    reply_xattr_value(req, value, size);
+    free(value);
+}
+
+static void fs_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    static const char names[] = XATTR_FLAGS "\0" XATTR_UID "\0" XATTR_UIDVALIDITY "\0";
+
+    if (!ino_uid(ino)) {
+        fuse_reply_xattr(req, 0);
+        return;
+    }
+    if (size == 0)
+        fuse_reply_xattr(req, sizeof(names) - 1);
+    else if (size < sizeof(names) - 1)
+        fuse_reply_err(req, ERANGE);
+    else
+        fuse_reply_buf(req, names, sizeof(names) - 1);
+}
+
+const struct fuse_lowlevel_ops fs_operations = {
+    .init = fs_init,
+    .lookup = fs_lookup,
+    .getattr = fs_getattr,
+    .opendir = fs_opendir,
+    .readdir = fs_readdir,
+    .readdirplus = fs_readdirplus,
+    .open = fs_open,
+    .read = fs_read,
+    .release = fs_release,
+    .statfs = fs_statfs,
+    .getxattr = fs_getxattr,
+    .listxattr = fs_listxattr,
+    .flush = fs_flush,
+    .create = fs_write_create,
+    .write = fs_write_write,
+    .setattr = fs_write_setattr,
+    .unlink = fs_write_unlink,
+    .rename = fs_write_rename,
+    .mkdir = fs_write_mkdir,
+    .rmdir = fs_write_rmdir,
+    .setxattr = fs_write_setxattr,
+    .removexattr = fs_write_removexattr,
+    /* mknod, link, symlink: not implemented, so ENOSYS -> EPERM-like refusals */
+};

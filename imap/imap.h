@@ -1,0 +1,165 @@
+/* imap/imap.h — the IMAP client's public door: sessions (one connection,
+ * one command stream, logged in) and the commands the filesystem needs.
+ * Knows nothing of FUSE or of the cache.  A session is used by one thread at
+ * a time: its owner (see fs/account.c for the pool).
+ *
+ * Every function returns 0 or a negative errno.  Server NO/BAD answers are
+ * mapped to errno in one place (imap_status_errno); a broken connection gives
+ * -EIO and marks the session broken (imap_session_broken), after which the
+ * owner closes it and opens another. */
+#ifndef IMAP_IMAP_H
+#define IMAP_IMAP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "imap/parser.h"
+
+enum imap_tls_mode {
+    IMAP_TLS_IMPLICIT,  /* imaps:// */
+    IMAP_TLS_STARTTLS,  /* imap://, STARTTLS required */
+    IMAP_TLS_NONE,      /* imap:// with -o tls=none: plaintext on purpose */
+};
+
+struct imap_config {
+    const char *host;
+    unsigned port;
+    const char *user;
+    const char *password;   /* never logged */
+    enum imap_tls_mode tls;
+    const char *cafile;     /* NULL: the system store */
+    int tls_verify;         /* 0 only with -o tls_verify=no */
+    int timeout;            /* seconds for connect and for any one wait */
+};
+
+struct imap_session;
+
+/* Connects, sets up TLS, logs in.  On failure returns -errno and writes one
+ * human sentence into err (what went wrong and what to do). */
+int imap_session_open(const struct imap_config *config, struct imap_session **out,
+                      char *err, size_t errlen);
+/* Sends LOGOUT if the session still works, then frees it. */
+void imap_session_close(struct imap_session *session);
+int imap_session_broken(const struct imap_session *session);
+/* Nonzero if the server advertised the capability (case-insensitive). */
+int imap_session_has_capability(const struct imap_session *session, const char *name);
+
+/* Unsolicited data (EXISTS, EXPUNGE, FETCH, VANISHED ...) that arrives while
+ * a command runs and is not that command's own answer. */
+typedef void imap_unsolicited_fn(void *context, const struct imap_response *response);
+void imap_session_set_unsolicited(struct imap_session *session, imap_unsolicited_fn *fn,
+                                  void *context);
+
+/* Maps a tagged NO/BAD (with its response code) to an errno. */
+int imap_status_errno(const struct imap_response *response);
+
+/* --- LIST --- */
+#define IMAP_MAILBOX_NOSELECT 0x1u   /* \Noselect or \NonExistent */
+#define IMAP_MAILBOX_NOINFERIORS 0x2u
+#define IMAP_MAILBOX_TRASH 0x4u      /* SPECIAL-USE \\Trash */
+
+struct imap_mailbox {
+    char *name;         /* as sent by the server (modified UTF-7) */
+    char delimiter;     /* 0 if NIL */
+    unsigned flags;     /* IMAP_MAILBOX_* */
+};
+
+/* LIST "" "*".  *out is a malloc'd array; free with imap_mailboxes_free. */
+int imap_list(struct imap_session *session, struct imap_mailbox **out, size_t *count);
+void imap_mailboxes_free(struct imap_mailbox *mailboxes, size_t count);
+
+/* --- SELECT / EXAMINE --- */
+struct imap_mailbox_state {
+    uint32_t uidvalidity;
+    uint32_t uidnext;
+    uint32_t exists;
+    uint64_t highestmodseq; /* 0 without CONDSTORE */
+};
+
+/* Selects (readonly: EXAMINE) the mailbox unless it already is, in a mode at
+ * least as strong.  state may be NULL; it is filled from the last select. */
+int imap_select(struct imap_session *session, const char *mailbox, int readonly,
+                struct imap_mailbox_state *state);
+/* The selected mailbox's name, or NULL. */
+const char *imap_session_selected(const struct imap_session *session);
+
+/* --- FETCH --- */
+
+/* Called once per message of a metadata fetch.  flags is the FLAGS list
+ * value (a LIST of atoms).  Return 0 to go on, a negative errno to stop
+ * (the command still completes on the wire). */
+typedef int imap_meta_fn(void *context, uint32_t uid, uint64_t size, int64_t internaldate,
+                         const struct imap_value *flags);
+
+/* UID FETCH first:last (UID RFC822.SIZE INTERNALDATE FLAGS); last 0 = "*". */
+int imap_fetch_meta(struct imap_session *session, uint32_t first, uint32_t last,
+                    imap_meta_fn *fn, void *context);
+
+/* Called once per message body; the function takes over body (malloc'd).
+ * Return 0, or a negative errno to stop. */
+typedef int imap_body_fn(void *context, uint32_t uid, char *body, size_t len);
+
+/* UID FETCH uid-set (UID BODY.PEEK[]) for the given UIDs (any order; sent as
+ * a compact set).  Never sets \Seen. */
+int imap_fetch_bodies(struct imap_session *session, const uint32_t *uids, size_t count,
+                      imap_body_fn *fn, void *context);
+
+/* Parses an INTERNALDATE ("17-Jul-1996 02:44:25 -0700") to seconds since
+ * the epoch; 0 or -EINVAL. */
+int imap_parse_internaldate(const char *text, int64_t *out);
+
+/* Writes a compact UID set ("1:5,7,9:12") for sorted unique uids into buf;
+ * returns the length, or -ENOSPC. */
+int imap_format_uid_set(char *buf, size_t buflen, const uint32_t *uids, size_t count);
+
+/* NOOP: a cheap check that the connection still works; also collects
+ * unsolicited updates. */
+int imap_noop(struct imap_session *session);
+
+/* --- changes (the selected mailbox must be selected read-write) --- */
+
+/* Result of a copy or move: where the message went.  uid 0 when the server
+ * did not say (no UIDPLUS): the caller finds it by listing. */
+struct imap_copy_result {
+    uint32_t uidvalidity;
+    uint32_t uid;
+};
+
+/* UID MOVE uid mailbox (RFC 6851).  -ENOTSUP without MOVE.  -ENOENT when the
+ * source UID no longer exists (someone else moved or expunged it). */
+int imap_uid_move(struct imap_session *session, uint32_t uid, const char *mailbox,
+                  struct imap_copy_result *result);
+/* UID COPY uid mailbox.  -ENOENT when the source UID no longer exists. */
+int imap_uid_copy(struct imap_session *session, uint32_t uid, const char *mailbox,
+                  struct imap_copy_result *result);
+/* UID STORE uid FLAGS.SILENT / +FLAGS.SILENT / -FLAGS.SILENT (flag list);
+ * how is "FLAGS", "+FLAGS" or "-FLAGS"; flags is e.g. "\\Seen $Work" (atoms
+ * separated by single spaces, already validated). */
+int imap_uid_store(struct imap_session *session, uint32_t uid, const char *how,
+                   const char *flags);
+/* UID EXPUNGE uid (UIDPLUS): expunges that message only.  -ENOTSUP without
+ * UIDPLUS: a plain EXPUNGE would also purge what other clients flagged. */
+int imap_uid_expunge(struct imap_session *session, uint32_t uid);
+
+/* APPEND mailbox (flags) "date" {len}: data must already use CRLF line ends.
+ * date < 0: let the server use now.  result->uid from APPENDUID, 0 without
+ * UIDPLUS. */
+int imap_append(struct imap_session *session, const char *mailbox, const char *flags,
+                int64_t date, const char *data, size_t len, struct imap_copy_result *result);
+
+int imap_create(struct imap_session *session, const char *mailbox);
+int imap_delete(struct imap_session *session, const char *mailbox);
+int imap_rename(struct imap_session *session, const char *from, const char *to);
+/* Forget the selection (UNSELECT or CLOSE-free EXAMINE trick not needed):
+ * used before DELETE/RENAME of the selected mailbox. */
+void imap_session_forget_selected(struct imap_session *session);
+
+/* STATUS mailbox (UIDNEXT UIDVALIDITY). */
+int imap_status_uidnext(struct imap_session *session, const char *mailbox, uint32_t *uidnext,
+                        uint32_t *uidvalidity);
+
+/* The text of the last tagged NO/BAD this session received ("" if none), for
+ * error messages in the log. */
+const char *imap_session_last_error(const struct imap_session *session);
+
+#endif
