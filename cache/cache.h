@@ -55,6 +55,8 @@ struct cache_folder {
     size_t count;
     size_t capacity;
     double listed_at;       /* monotonic time of the last UID table refresh; 0 = never */
+    double used_at;         /* monotonic time the mount last used it (fs/ sets it):
+                               the watcher keeps recently used folders in sync */
 
     UT_hash_handle hh;      /* in cache->by_id */
 };
@@ -110,18 +112,21 @@ int cache_folder_set_messages(struct cache_folder *folder, struct cache_message 
                               size_t count);
 /* Binary search; NULL if absent. */
 struct cache_message *cache_folder_find(struct cache_folder *folder, uint32_t uid);
-/* Inserts in order (message->keywords taken over), or updates flags, size,
- * date and keywords of an existing uid.  0 or -ENOMEM. */
+/* Inserts in order, or updates flags, size, date and keywords of an existing
+ * uid.  message->keywords is always taken over (freed on failure too).
+ * 0 or -ENOMEM. */
 int cache_folder_upsert(struct cache_folder *folder, const struct cache_message *message);
 /* 0, or -ENOENT if absent. */
 int cache_folder_remove(struct cache_folder *folder, uint32_t uid);
-/* Forget every message (a UIDVALIDITY change); uidvalidity is set to the new value. */
+/* Forget every message (a UIDVALIDITY change); uidvalidity is set to the new
+ * value, and uidnext, highestmodseq and listed_at to 0. */
 void cache_folder_reset(struct cache_folder *folder, uint32_t uidvalidity);
 
 /* Flags to and from their IMAP spelling.  cache_flags_parse takes the atoms
  * of a FLAGS list one at a time: a system flag sets its bit, \Recent too,
  * anything else is appended to *keywords (malloc'd, space-separated; other
- * backslash flags are kept as keywords too).  0 or -ENOMEM. */
+ * backslash flags are kept as keywords too).  0, -ENOMEM, or -EINVAL for an
+ * empty atom or one with a space or control character. */
 int cache_flags_add(uint32_t *flags, char **keywords, const char *atom);
 /* "\Seen \Flagged $Work" (system flags first, in a fixed order, then
  * keywords; \Recent omitted); malloc'd, "" if none.  Caller frees. */
@@ -162,8 +167,8 @@ struct cache_body *cache_body_insert(struct cache_bodies *bodies, uint32_t folde
 void cache_body_store(struct cache_bodies *bodies, uint32_t folder_id, uint32_t uidvalidity,
                       uint32_t uid, char *data, size_t len);
 void cache_body_release(struct cache_bodies *bodies, struct cache_body *body);
-/* Drop one body, or all of a folder (uidvalidity 0 = any); referenced
- * bodies are dropped when released. */
+/* Drop one body (under every UIDVALIDITY), or all of a folder; referenced
+ * bodies are freed when released. */
 void cache_bodies_drop(struct cache_bodies *bodies, uint32_t folder_id, uint32_t uid);
 void cache_bodies_drop_folder(struct cache_bodies *bodies, uint32_t folder_id);
 /* Bytes and count held now. */

@@ -47,6 +47,9 @@ struct fs_account {
     size_t idle_count;              /* protected by pool_lock */
     unsigned open_count;            /* sessions idle + in use; protected by pool_lock */
     unsigned max_connections;
+    double next_connect_at;         /* backoff: no new connection before; protected by pool_lock */
+    double backoff;                 /* seconds; protected by pool_lock */
+    double offline_since;           /* first failed connect of a streak, 0 when online */
 
     struct fs_notifier *notifier;
     char *trash;                    /* -o trash: a mount path, "auto", or NULL */
@@ -58,6 +61,9 @@ struct fs_account {
     pthread_cond_t inflight_done;
     struct inflight *inflight;      /* protected by inflight_lock */
 };
+
+static void unsolicited(void *context, struct imap_session *session,
+                        const struct imap_response *response);
 
 static double now_monotonic(void)
 {
@@ -93,6 +99,7 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     pthread_mutex_init(&account->inflight_lock, NULL);
     pthread_cond_init(&account->inflight_done, NULL);
     account->hide_deleted = !imap_session_has_capability(first, "UIDPLUS");
+    imap_session_set_unsolicited(first, unsolicited, account);
     account->idle[account->idle_count++] = first;
     account->open_count = 1;
     return account;
@@ -123,19 +130,24 @@ void fs_account_free(struct fs_account *account)
 struct cache *fs_account_cache(struct fs_account *account) { return account->cache; }
 double fs_account_dir_timeout(const struct fs_account *account) { return account->dir_cache_timeout; }
 struct fs_notifier *fs_account_notifier(struct fs_account *account) { return account->notifier; }
+const struct imap_config *fs_account_config(const struct fs_account *account) { return &account->config; }
 
 /* ---------------------------------------------------------------- the pool */
 
+/* An idle session (preferring one with mailbox selected), or a new one.
+ * New connections back off after failures (0.25 s doubling to 10 s); a
+ * request waits for the server at most the timeout, and once the server has
+ * been gone longer than that, requests fail at once with EIO (cached data is
+ * still served by the callers) while a connect is tried now and then. */
 static int session_acquire(struct fs_account *account, const char *mailbox,
                            struct imap_session **out)
 {
-    struct timespec deadline;
-    int ret = 0;
+    double deadline = now_monotonic() + account->config.timeout;
+    char err[512];
 
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += account->config.timeout;
     pthread_mutex_lock(&account->pool_lock);
     for (;;) {
+        double now = now_monotonic();
         if (account->idle_count > 0) {
             size_t pick = account->idle_count - 1;
             for (size_t i = 0; mailbox && i < account->idle_count; i++) {
@@ -150,29 +162,105 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
             pthread_mutex_unlock(&account->pool_lock);
             return 0;
         }
-        if (account->open_count < account->max_connections)
+        int long_outage = account->offline_since &&
+                          now - account->offline_since > account->config.timeout;
+        double wait_until = deadline;
+        if (account->open_count < account->max_connections) {
+            if (now >= account->next_connect_at) {
+                /* connect, without the lock */
+                account->open_count++;
+                pthread_mutex_unlock(&account->pool_lock);
+                int ret = imap_session_open(&account->config, out, err, sizeof(err));
+                pthread_mutex_lock(&account->pool_lock);
+                if (ret == 0) {
+                    if (account->offline_since)
+                        log_info("connected to the server again");
+                    account->offline_since = 0;
+                    account->backoff = 0;
+                    pthread_mutex_unlock(&account->pool_lock);
+                    imap_session_set_unsolicited(*out, unsolicited, account);
+                    return 0;
+                }
+                account->open_count--;
+                if (!account->offline_since) {
+                    account->offline_since = now_monotonic();
+                    log_error("cannot reach the server: %s", err);
+                }
+                account->backoff = account->backoff ? account->backoff * 2 : 0.25;
+                if (account->backoff > 10)
+                    account->backoff = 10;
+                account->next_connect_at = now_monotonic() + account->backoff;
+                pthread_cond_broadcast(&account->pool_changed);
+                continue;
+            }
+            if (long_outage)
+                break; /* fail fast; a later request tries again after the backoff */
+            if (account->next_connect_at < wait_until)
+                wait_until = account->next_connect_at;
+        }
+        if (now >= deadline)
             break;
-        ret = pthread_cond_timedwait(&account->pool_changed, &account->pool_lock, &deadline);
-        if (ret == ETIMEDOUT) {
-            pthread_mutex_unlock(&account->pool_lock);
-            log_warn("no IMAP connection became free within %d s", account->config.timeout);
-            return -EIO;
+        double pause = wait_until - now;
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += (time_t)pause;
+        until.tv_nsec += (long)((pause - (double)(time_t)pause) * 1e9);
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&account->pool_changed, &account->pool_lock, &until);
+    }
+    pthread_mutex_unlock(&account->pool_lock);
+    return -EIO;
+}
+
+/* Another client changed the selected mailbox while we ran a command.
+ * Flag updates carry a UID and go straight into the cache; EXISTS, EXPUNGE
+ * and VANISHED only say "something changed" in sequence-number terms, so the
+ * folder is marked stale and its next use (or the watcher) lists it again. */
+static void unsolicited(void *context, struct imap_session *session,
+                        const struct imap_response *response)
+{
+    struct fs_account *account = context;
+    const char *mailbox = imap_session_selected(session);
+
+    if (!mailbox || response->status != IMAP_STATUS_NONE || response->count < 2)
+        return;
+    const struct imap_value *kind = &response->items[1]; /* "* 5 EXPUNGE" */
+    int is_fetch = response->count == 3 && imap_value_is_atom(kind, "FETCH") &&
+                   response->items[2].kind == IMAP_VALUE_LIST;
+    int is_change = imap_value_is_atom(kind, "EXPUNGE") || imap_value_is_atom(kind, "EXISTS") ||
+                    imap_value_is_atom(&response->items[0], "VANISHED");
+    if (!is_fetch && !is_change)
+        return;
+
+    cache_lock(account->cache);
+    struct cache_folder *folder = NULL, *each;
+    for (each = account->cache->by_id; each; each = each->hh.next)
+        if (each->mailbox && strcmp(each->mailbox, mailbox) == 0) {
+            folder = each;
+            break;
+        }
+    if (folder && is_change) {
+        folder->listed_at = 0;
+    } else if (folder && is_fetch) {
+        const struct imap_value *uid_value = imap_fetch_item(&response->items[2], "UID");
+        const struct imap_value *flags = imap_fetch_item(&response->items[2], "FLAGS");
+        uint32_t uid;
+        struct cache_message *message;
+        if (uid_value && flags && flags->kind == IMAP_VALUE_LIST &&
+            imap_value_u32(uid_value, &uid) == 0 && (message = cache_folder_find(folder, uid))) {
+            struct cache_message updated = *message;
+            updated.flags = 0;
+            updated.keywords = NULL;
+            for (size_t i = 0; i < flags->count; i++)
+                if (flags->items[i].kind == IMAP_VALUE_ATOM)
+                    cache_flags_add(&updated.flags, &updated.keywords, flags->items[i].str);
+            cache_folder_upsert(folder, &updated);
         }
     }
-    account->open_count++;
-    pthread_mutex_unlock(&account->pool_lock);
-
-    char err[512];
-    ret = imap_session_open(&account->config, out, err, sizeof(err));
-    if (ret < 0) {
-        log_error("cannot open another IMAP connection: %s", err);
-        pthread_mutex_lock(&account->pool_lock);
-        account->open_count--;
-        pthread_cond_signal(&account->pool_changed);
-        pthread_mutex_unlock(&account->pool_lock);
-        return -EIO;
-    }
-    return 0;
+    cache_unlock(account->cache);
 }
 
 static void session_release(struct fs_account *account, struct imap_session *session)
@@ -237,6 +325,58 @@ fail:
     return NULL;
 }
 
+/* Where each folder sits, to tell the kernel what a new LIST changed. */
+struct folder_place {
+    uint32_t id, parent_id;
+    char *name;
+};
+
+/* Caller holds the cache lock; NULL with *count 0 on out of memory (then
+ * nothing is invalidated, and entries simply time out). */
+static struct folder_place *folder_places(struct cache *cache, size_t *count)
+{
+    size_t n = HASH_CNT(hh, cache->by_id), i = 0;
+    struct folder_place *places = calloc(n ? n : 1, sizeof(*places));
+
+    *count = 0;
+    if (!places)
+        return NULL;
+    for (struct cache_folder *folder = cache->by_id; folder; folder = folder->hh.next) {
+        if (!folder->parent)
+            continue;
+        places[i].id = folder->id;
+        places[i].parent_id = folder->parent->id;
+        places[i].name = strdup(folder->name);
+        if (places[i].name)
+            i++;
+    }
+    *count = i;
+    return places;
+}
+
+/* Folders gone or moved lose their kernel entries; new ones clear any
+ * negative entry for their name.  Caller holds the cache lock (queueing a
+ * notice is fine under it; sending is the notifier thread's job). */
+static void notify_folder_changes(struct fs_account *account, const struct folder_place *before,
+                                  size_t before_count)
+{
+    for (size_t i = 0; i < before_count; i++) {
+        struct cache_folder *folder = cache_folder_by_id(account->cache, before[i].id);
+        if (!folder || !folder->parent || folder->parent->id != before[i].parent_id ||
+            strcmp(folder->name, before[i].name) != 0)
+            fs_notify_entry(account->notifier, fs_ino_folder(before[i].parent_id), before[i].name);
+    }
+    for (struct cache_folder *folder = account->cache->by_id; folder; folder = folder->hh.next) {
+        size_t i;
+        if (!folder->parent)
+            continue;
+        for (i = 0; i < before_count && before[i].id != folder->id; i++)
+            ;
+        if (i == before_count)
+            fs_notify_entry(account->notifier, fs_ino_folder(folder->parent->id), folder->name);
+    }
+}
+
 int fs_account_load_folders(struct fs_account *account)
 {
     struct imap_session *session;
@@ -271,7 +411,14 @@ int fs_account_load_folders(struct fs_account *account)
         used++;
     }
     cache_lock(account->cache);
+    size_t before_count = 0;
+    struct folder_place *before = folder_places(account->cache, &before_count);
     ret = cache_folders_sync(account->cache, entries, used, NULL, NULL);
+    if (ret == 0)
+        notify_folder_changes(account, before, before_count);
+    for (size_t i = 0; i < before_count; i++)
+        free(before[i].name);
+    free(before);
     for (size_t i = 0; i < count; i++) {
         if (mailboxes[i].delimiter && strcasecmp(mailboxes[i].name, "INBOX") == 0)
             account->delimiter = mailboxes[i].delimiter;
@@ -340,42 +487,257 @@ static void free_table(struct table_builder *table)
     free(table->messages);
 }
 
-int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int force)
+/* Tells the kernel about every UID that is in one sorted table and not in
+ * the other: removed files must go, new names may have negative entries. */
+static void notify_table_changes(struct fs_account *account, uint32_t folder_id,
+                                 const struct cache_message *old, size_t old_count,
+                                 const struct cache_message *new, size_t new_count)
 {
-    struct cache_folder *folder;
-    struct imap_session *session;
-    struct imap_mailbox_state state;
-    struct table_builder table = { 0 };
-    char *mailbox;
-    int ret;
+    size_t i = 0, j = 0;
+    char name[32];
 
+    while (i < old_count || j < new_count) {
+        uint32_t changed;
+        if (j == new_count || (i < old_count && old[i].uid < new[j].uid)) {
+            changed = old[i++].uid;
+            cache_bodies_drop(account->bodies, folder_id, changed);
+        } else if (i == old_count || new[j].uid < old[i].uid) {
+            changed = new[j++].uid;
+        } else {
+            i++;
+            j++;
+            continue;
+        }
+        fs_name_from_uid(changed, name, sizeof(name));
+        fs_notify_entry(account->notifier, fs_ino_folder(folder_id), name);
+    }
+}
+
+/* Flags-only answers (CHANGEDSINCE) go in a table of their own; size and
+ * date there are 0 and never merged. */
+static int collect_flags(void *context, uint32_t uid, const struct imap_value *flags)
+{
+    return collect_meta(context, uid, 0, 0, flags);
+}
+
+/* Appends message to table, taking over its keywords. */
+static int table_append(struct table_builder *table, struct cache_message *message)
+{
+    if (table->count == table->cap) {
+        size_t cap = table->cap ? table->cap * 2 : 256;
+        struct cache_message *grown = realloc(table->messages, cap * sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        table->messages = grown;
+        table->cap = cap;
+    }
+    table->messages[table->count++] = *message;
+    message->keywords = NULL;
+    return 0;
+}
+
+static struct cache_message *table_find(struct table_builder *table, uint32_t uid)
+{
+    size_t lo = 0, hi = table->count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (table->messages[mid].uid < uid)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < table->count && table->messages[lo].uid == uid ? &table->messages[lo] : NULL;
+}
+
+static int uid_in(const uint32_t *uids, size_t count, uint32_t uid)
+{
+    size_t lo = 0, hi = count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (uids[mid] < uid)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < count && uids[lo] == uid;
+}
+
+/* What we knew of a folder before a refresh. */
+struct folder_snapshot {
+    char *mailbox;
+    uint32_t uidvalidity, uidnext;
+    uint64_t highestmodseq;
+    struct cache_message *messages;     /* copy, keywords not copied */
+    size_t count;
+    int listed;
+};
+
+/* Brings table (a copy of the old one, keywords copied) up to date with only
+ * what changed, using CONDSTORE: new UIDs, flags changed since the old
+ * HIGHESTMODSEQ, and UIDs gone.  The cost follows the changes, not the
+ * folder's size.  -EAGAIN: fall back to a full listing. */
+static int refresh_incremental(struct imap_session *session, const struct folder_snapshot *old,
+                               const struct imap_mailbox_state *state,
+                               struct table_builder *table)
+{
+    struct table_builder added = { 0 }, changed = { 0 };
+    uint32_t *present = NULL;
+    size_t present_count = 0;
+    int ret = 0;
+
+    if (old->uidnext && state->uidnext > old->uidnext)
+        ret = imap_fetch_meta(session, old->uidnext, 0, collect_meta, &added);
+    if (ret == 0 && old->uidnext > 1)
+        ret = imap_fetch_flags(session, 1, old->uidnext - 1, old->highestmodseq, collect_flags,
+                               &changed);
+    /* Expunges: the count tells whether any happened. */
+    if (ret == 0 && old->count + added.count != state->exists)
+        ret = imap_search_all(session, &present, &present_count);
+    if (ret < 0)
+        goto out;
+
+    if (changed.unsorted)
+        qsort(changed.messages, changed.count, sizeof(*changed.messages), compare_messages);
+    /* old table, minus the UIDs gone, with the new flags, plus the new UIDs */
+    for (size_t i = 0; i < old->count; i++) {
+        struct cache_message message = old->messages[i];
+        if (present && !uid_in(present, present_count, message.uid))
+            continue;
+        struct cache_message *update = table_find(&changed, message.uid);
+        if (update) {
+            message.flags = update->flags;
+            message.keywords = update->keywords;
+            update->keywords = NULL;
+        } else if (message.keywords && !(message.keywords = strdup(message.keywords))) {
+            ret = -ENOMEM;
+            goto out;
+        }
+        if ((ret = table_append(table, &message)) < 0) {
+            free(message.keywords);
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < added.count; i++) {
+        if (table->count && table->messages[table->count - 1].uid >= added.messages[i].uid)
+            continue;
+        if ((ret = table_append(table, &added.messages[i])) < 0)
+            goto out;
+    }
+    if (table->count != state->exists)
+        ret = -EAGAIN; /* something did not add up: list in full */
+out:
+    free_table(&added);
+    free_table(&changed);
+    free(present);
+    return ret;
+}
+
+static int snapshot_folder(struct fs_account *account, uint32_t folder_id, int force,
+                           struct folder_snapshot *old)
+{
+    memset(old, 0, sizeof(*old));
     cache_lock(account->cache);
-    folder = cache_folder_by_id(account->cache, folder_id);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
     if (!folder) {
         cache_unlock(account->cache);
         return -ENOENT;
     }
+    folder->used_at = now_monotonic();
     if (!folder->selectable ||
         (!force && folder->listed_at > 0 &&
          now_monotonic() - folder->listed_at < account->dir_cache_timeout)) {
         cache_unlock(account->cache);
-        return 0;
+        return 1; /* fresh enough */
     }
-    mailbox = strdup(folder->mailbox);
+    old->mailbox = strdup(folder->mailbox);
+    old->uidvalidity = folder->uidvalidity;
+    old->uidnext = folder->uidnext;
+    old->highestmodseq = folder->highestmodseq;
+    old->listed = folder->listed_at > 0;
+    if (old->listed && folder->count) {
+        old->messages = malloc(folder->count * sizeof(*old->messages));
+        if (old->messages) {
+            memcpy(old->messages, folder->messages, folder->count * sizeof(*old->messages));
+            for (size_t i = 0; i < folder->count; i++)
+                old->messages[i].keywords = folder->messages[i].keywords ?
+                                            strdup(folder->messages[i].keywords) : NULL;
+            old->count = folder->count;
+        } else {
+            old->listed = 0; /* no copy: list in full */
+        }
+    }
     cache_unlock(account->cache);
-    if (!mailbox)
-        return -ENOMEM;
+    return old->mailbox ? 0 : -ENOMEM;
+}
 
-    ret = session_acquire(account, mailbox, &session);
+static void snapshot_free(struct folder_snapshot *old)
+{
+    for (size_t i = 0; i < old->count; i++)
+        free(old->messages[i].keywords);
+    free(old->messages);
+    free(old->mailbox);
+}
+
+/* One refresh attempt on one session. */
+static int refresh_folder(struct fs_account *account, const struct folder_snapshot *old,
+                          struct imap_mailbox_state *state, struct table_builder *table)
+{
+    struct imap_session *session;
+    int ret = session_acquire(account, old->mailbox, &session);
+
     if (ret < 0)
-        goto out;
-    ret = imap_select(session, mailbox, 1, &state);
+        return ret;
+    ret = imap_select_fresh(session, old->mailbox, 1, state);
+    if (ret == 0 && old->listed && old->uidvalidity == state->uidvalidity &&
+        old->highestmodseq && state->highestmodseq &&
+        imap_session_has_capability(session, "CONDSTORE")) {
+        if (state->highestmodseq == old->highestmodseq && state->uidnext == old->uidnext &&
+            state->exists == old->count) {
+            ret = 1; /* nothing changed */
+        } else {
+            ret = refresh_incremental(session, old, state, table);
+            if (ret == -EAGAIN) {
+                free_table(table);
+                memset(table, 0, sizeof(*table));
+                ret = 0;
+                goto full;
+            }
+        }
+        session_release(account, session);
+        return ret;
+    }
+full:
     if (ret == 0)
-        ret = imap_fetch_meta(session, 1, 0, collect_meta, &table);
+        ret = imap_fetch_meta(session, 1, 0, collect_meta, table);
     session_release(account, session);
+    return ret;
+}
+
+int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int force)
+{
+    struct folder_snapshot old;
+    struct imap_mailbox_state state;
+    struct table_builder table = { 0 };
+    int ret = snapshot_folder(account, folder_id, force, &old);
+
+    if (ret != 0)
+        return ret > 0 ? 0 : ret;
+    ret = refresh_folder(account, &old, &state, &table);
+    if (ret == -EIO) {
+        /* Listing is idempotent: once more on a fresh connection (the pooled
+         * one may have been closed by the server while idle). */
+        free_table(&table);
+        memset(&table, 0, sizeof(table));
+        ret = refresh_folder(account, &old, &state, &table);
+    }
     if (ret < 0) {
-        log_warn("cannot list %s: %s", mailbox, strerror(-ret));
-        goto out;
+        log_warn("cannot list %s: %s%s", old.mailbox, strerror(-ret),
+                 old.listed ? "; serving what is cached" : "");
+        free_table(&table);
+        if (old.listed && ret != -ENOENT)
+            ret = 0; /* offline: the last listing is better than an error */
+        snapshot_free(&old);
+        return ret;
     }
     if (table.unsorted) {
         qsort(table.messages, table.count, sizeof(*table.messages), compare_messages);
@@ -390,18 +752,28 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
     }
 
     cache_lock(account->cache);
-    folder = cache_folder_by_id(account->cache, folder_id);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
     if (!folder) {
         cache_unlock(account->cache);
         free_table(&table);
-        ret = -ENOENT;
-        goto out;
+        snapshot_free(&old);
+        return -ENOENT;
     }
-    if (folder->uidvalidity && folder->uidvalidity != state.uidvalidity) {
-        log_info("%s: UIDVALIDITY changed, dropping its cache", mailbox);
+    if (ret == 1) { /* unchanged */
+        folder->listed_at = now_monotonic();
+        cache_unlock(account->cache);
+        snapshot_free(&old);
+        return 0;
+    }
+    int reset = folder->uidvalidity && folder->uidvalidity != state.uidvalidity;
+    if (reset) {
+        log_info("%s: UIDVALIDITY changed, dropping its cache", old.mailbox);
         cache_folder_reset(folder, state.uidvalidity);
         cache_bodies_drop_folder(account->bodies, folder_id);
     }
+    /* The kernel learns what changed against the table it was shown. */
+    notify_table_changes(account, folder_id, folder->messages, folder->count, table.messages,
+                         table.count);
     folder->uidvalidity = state.uidvalidity;
     folder->uidnext = state.uidnext;
     folder->highestmodseq = state.highestmodseq;
@@ -411,8 +783,7 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
     cache_unlock(account->cache);
     if (ret < 0)
         free_table(&table);
-out:
-    free(mailbox);
+    snapshot_free(&old);
     return ret;
 }
 
@@ -544,18 +915,25 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
         goto done;
 
     struct body_batch batch = { account, folder_id, uidvalidity, uid, NULL };
-    struct imap_session *session;
-    ret = session_acquire(account, mailbox, &session);
-    if (ret == 0) {
-        struct imap_mailbox_state state;
-        ret = imap_select(session, mailbox, 1, &state);
-        if (ret == 0 && state.uidvalidity != uidvalidity)
-            ret = -ESTALE; /* the folder was rebuilt; its next listing resets the cache */
+    /* Fetching is idempotent: a connection that broke (a server restart, an
+     * idle connection the server closed) gets one more try on a fresh one. */
+    for (int attempt = 0; attempt < 2; attempt++) {
+        struct imap_session *session;
+        ret = session_acquire(account, mailbox, &session);
         if (ret == 0) {
-            log_debug("fetching %zu message(s) from %s starting at UID %u", count, mailbox, uid);
-            ret = imap_fetch_bodies(session, uids, count, store_body, &batch);
+            struct imap_mailbox_state state;
+            ret = imap_select(session, mailbox, 1, &state);
+            if (ret == 0 && state.uidvalidity != uidvalidity)
+                ret = -ESTALE; /* the folder was rebuilt; its next listing resets the cache */
+            if (ret == 0) {
+                log_debug("fetching %zu message(s) from %s starting at UID %u", count, mailbox,
+                          uid);
+                ret = imap_fetch_bodies(session, uids, count, store_body, &batch);
+            }
+            session_release(account, session);
         }
-        session_release(account, session);
+        if (ret != -EIO || batch.wanted)
+            break;
     }
     if (ret == 0 && !batch.wanted)
         ret = -ENOENT; /* expunged by someone else meanwhile */
@@ -922,7 +1300,7 @@ int fs_account_append(struct fs_account *account, uint32_t folder_id, const char
 {
     struct imap_copy_result result = { 0 };
     struct imap_session *session;
-    uint32_t uidnext = 0, uidvalidity = 0;
+    uint32_t uidnext = 0;
     char *mailbox = folder_mailbox(account, folder_id);
     int ret;
 
@@ -932,7 +1310,9 @@ int fs_account_append(struct fs_account *account, uint32_t folder_id, const char
     ret = session_acquire(account, mailbox, &session);
     if (ret == 0) {
         /* UIDNEXT before: where to look if the answer gets lost */
-        ret = imap_status_uidnext(session, mailbox, &uidnext, &uidvalidity);
+        struct imap_mailbox_state before;
+        ret = imap_status(session, mailbox, &before);
+        uidnext = before.uidnext;
         if (ret == 0) {
             ret = imap_append(session, mailbox, NULL, date, data, len, &result);
             if (ret < 0 && ret != -EIO)

@@ -74,6 +74,7 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
                     struct cache_body **out);
 void fs_account_body_release(struct fs_account *account, struct cache_body *body);
 struct fs_notifier *fs_account_notifier(struct fs_account *account);
+const struct imap_config *fs_account_config(const struct fs_account *account);
 /* Nonzero when the server lacks UIDPLUS: rm can only flag \Deleted, and the
  * mount hides \Deleted messages so rm still looks like rm. */
 int fs_account_hides_deleted(const struct fs_account *account);
@@ -109,6 +110,14 @@ int fs_notifier_start(struct fs_notifier *notifier, struct fuse_session *session
 void fs_notifier_free(struct fs_notifier *notifier);   /* stops the thread */
 void fs_notify_entry(struct fs_notifier *notifier, fuse_ino_t parent, const char *name);
 void fs_notify_inode(struct fs_notifier *notifier, fuse_ino_t ino);
+
+/* ---------------------------------------------------------------- watcher */
+
+/* A thread that keeps recently used folders in step with other clients
+ * (fs/watch.c).  Start after daemonizing; stop before freeing the account. */
+struct fs_watcher;
+struct fs_watcher *fs_watcher_start(struct fs_account *account);
+void fs_watcher_stop(struct fs_watcher *watcher);
 
 /* ---------------------------------------------------------------- FUSE ops */
 

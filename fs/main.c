@@ -22,6 +22,7 @@ int main(int argc, char *argv[])
     struct fs_options options;
     struct imap_session *first = NULL;
     struct fs_account *account = NULL;
+    struct fs_watcher *watcher = NULL;
     struct fuse_session *se = NULL;
     char *password = NULL, err[512], fsname[512];
     int ret = 1;
@@ -105,6 +106,10 @@ int main(int argc, char *argv[])
         log_error("cannot start the notifier thread");
         goto out_unmount;
     }
+    watcher = fs_watcher_start(account);
+    if (!watcher)
+        log_warn("cannot start the watcher: changes by other clients show up only when "
+                 "listings time out");
 
     struct fuse_loop_config *loop = fuse_loop_cfg_create();
     fuse_loop_cfg_set_max_threads(loop, 32);
@@ -113,6 +118,7 @@ int main(int argc, char *argv[])
     fuse_loop_cfg_destroy(loop);
 
 out_unmount:
+    fs_watcher_stop(watcher);
     fuse_session_unmount(se);
 out_handlers:
     fuse_remove_signal_handlers(se);

@@ -46,7 +46,8 @@ int imap_session_has_capability(const struct imap_session *session, const char *
 
 /* Unsolicited data (EXISTS, EXPUNGE, FETCH, VANISHED ...) that arrives while
  * a command runs and is not that command's own answer. */
-typedef void imap_unsolicited_fn(void *context, const struct imap_response *response);
+typedef void imap_unsolicited_fn(void *context, struct imap_session *session,
+                                 const struct imap_response *response);
 void imap_session_set_unsolicited(struct imap_session *session, imap_unsolicited_fn *fn,
                                   void *context);
 
@@ -80,6 +81,9 @@ struct imap_mailbox_state {
  * least as strong.  state may be NULL; it is filled from the last select. */
 int imap_select(struct imap_session *session, const char *mailbox, int readonly,
                 struct imap_mailbox_state *state);
+/* Always sends EXAMINE/SELECT, so state is the server's current one. */
+int imap_select_fresh(struct imap_session *session, const char *mailbox, int readonly,
+                      struct imap_mailbox_state *state);
 /* The selected mailbox's name, or NULL. */
 const char *imap_session_selected(const struct imap_session *session);
 
@@ -94,6 +98,22 @@ typedef int imap_meta_fn(void *context, uint32_t uid, uint64_t size, int64_t int
 /* UID FETCH first:last (UID RFC822.SIZE INTERNALDATE FLAGS); last 0 = "*". */
 int imap_fetch_meta(struct imap_session *session, uint32_t first, uint32_t last,
                     imap_meta_fn *fn, void *context);
+
+/* Called once per message of a flags fetch. */
+typedef int imap_flags_fn(void *context, uint32_t uid, const struct imap_value *flags);
+
+/* UID FETCH first:last (UID FLAGS), with (CHANGEDSINCE modseq) when
+ * changedsince is not 0 (CONDSTORE): only what changed since then. */
+int imap_fetch_flags(struct imap_session *session, uint32_t first, uint32_t last,
+                     uint64_t changedsince, imap_flags_fn *fn, void *context);
+
+/* All UIDs of the selected mailbox, ascending (UID SEARCH ALL; the compact
+ * ESEARCH form where offered).  *uids is malloc'd; caller frees. */
+int imap_search_all(struct imap_session *session, uint32_t **uids, size_t *count);
+
+/* Parses a sequence set of UIDs ("1:5,7,9:12") into a sorted malloc'd array.
+ * -EPROTO for anything else (including "*"); at most max_count UIDs. */
+int imap_parse_uid_set(const char *set, size_t max_count, uint32_t **uids, size_t *count);
 
 /* Called once per message body; the function takes over body (malloc'd).
  * Return 0, or a negative errno to stop. */
@@ -154,9 +174,10 @@ int imap_rename(struct imap_session *session, const char *from, const char *to);
  * used before DELETE/RENAME of the selected mailbox. */
 void imap_session_forget_selected(struct imap_session *session);
 
-/* STATUS mailbox (UIDNEXT UIDVALIDITY). */
-int imap_status_uidnext(struct imap_session *session, const char *mailbox, uint32_t *uidnext,
-                        uint32_t *uidvalidity);
+/* STATUS mailbox (MESSAGES UIDNEXT UIDVALIDITY [HIGHESTMODSEQ]): a cheap
+ * look at a mailbox without selecting it.  exists = MESSAGES. */
+int imap_status(struct imap_session *session, const char *mailbox,
+                struct imap_mailbox_state *state);
 
 /* The text of the last tagged NO/BAD this session received ("" if none), for
  * error messages in the log. */

@@ -363,7 +363,7 @@ static int run_command(struct imap_session *session, struct command *cmd,
                 return ret;
             }
             if (!session_absorb(session, response) && session->unsolicited)
-                session->unsolicited(session->unsolicited_context, response);
+                session->unsolicited(session->unsolicited_context, session, response);
             imap_response_free(response);
         }
         imap_response_free(response);
@@ -420,7 +420,7 @@ static int run_command(struct imap_session *session, struct command *cmd,
             return ret2 < 0 ? ret2 : mine;
         }
         if (!mine && !session_absorb(session, response) && session->unsolicited)
-            session->unsolicited(session->unsolicited_context, response);
+            session->unsolicited(session->unsolicited_context, session, response);
         imap_response_free(response);
     }
 }
@@ -810,16 +810,22 @@ static int select_handler(void *context, struct imap_response *response)
 int imap_select(struct imap_session *session, const char *mailbox, int readonly,
                 struct imap_mailbox_state *state)
 {
-    struct command cmd = { .redact_from = -1 };
-    struct imap_mailbox_state fresh = { 0 };
-    int ret;
-
     if (session->selected && strcmp(session->selected, mailbox) == 0 &&
         (readonly || !session->selected_readonly)) {
         if (state)
             *state = session->state;
         return 0;
     }
+    return imap_select_fresh(session, mailbox, readonly, state);
+}
+
+int imap_select_fresh(struct imap_session *session, const char *mailbox, int readonly,
+                      struct imap_mailbox_state *state)
+{
+    struct command cmd = { .redact_from = -1 };
+    struct imap_mailbox_state fresh = { 0 };
+    int ret;
+
     free(session->selected);
     session->selected = NULL;
     command_add(&cmd, readonly ? "EXAMINE " : "SELECT ", readonly ? 8 : 7);
@@ -1259,13 +1265,9 @@ int imap_rename(struct imap_session *session, const char *from, const char *to)
     return mailbox_command(session, "RENAME", from, to);
 }
 
-struct status_context {
-    uint32_t uidnext, uidvalidity;
-};
-
 static int status_handler(void *context, struct imap_response *response)
 {
-    struct status_context *status = context;
+    struct imap_mailbox_state *state = context;
 
     if (response->status != IMAP_STATUS_NONE || response->count != 3 ||
         !imap_value_is_atom(&response->items[0], "STATUS") ||
@@ -1273,28 +1275,213 @@ static int status_handler(void *context, struct imap_response *response)
         return 0;
     const struct imap_value *attrs = &response->items[2];
     for (size_t i = 0; i + 1 < attrs->count; i += 2) {
+        const struct imap_value *value = &attrs->items[i + 1];
         if (imap_value_is_atom(&attrs->items[i], "UIDNEXT"))
-            imap_value_u32(&attrs->items[i + 1], &status->uidnext);
+            imap_value_u32(value, &state->uidnext);
         else if (imap_value_is_atom(&attrs->items[i], "UIDVALIDITY"))
-            imap_value_u32(&attrs->items[i + 1], &status->uidvalidity);
+            imap_value_u32(value, &state->uidvalidity);
+        else if (imap_value_is_atom(&attrs->items[i], "MESSAGES"))
+            imap_value_u32(value, &state->exists);
+        else if (imap_value_is_atom(&attrs->items[i], "HIGHESTMODSEQ") &&
+                 value->kind == IMAP_VALUE_NUMBER)
+            state->highestmodseq = value->number;
     }
     return 1;
 }
 
-int imap_status_uidnext(struct imap_session *session, const char *mailbox, uint32_t *uidnext,
-                        uint32_t *uidvalidity)
+int imap_status(struct imap_session *session, const char *mailbox,
+                struct imap_mailbox_state *state)
 {
     struct command cmd = { .redact_from = -1 };
-    struct status_context status = { 0, 0 };
 
+    memset(state, 0, sizeof(*state));
     command_add(&cmd, "STATUS ", 7);
     command_add_string(session, &cmd, mailbox, strlen(mailbox));
-    command_add(&cmd, " (UIDNEXT UIDVALIDITY)", 22);
-    int ret = run_command(session, &cmd, status_handler, &status, NULL);
+    if (imap_session_has_capability(session, "CONDSTORE"))
+        command_add(&cmd, " (MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)", 45);
+    else
+        command_add(&cmd, " (MESSAGES UIDNEXT UIDVALIDITY)", 31);
+    int ret = run_command(session, &cmd, status_handler, state, NULL);
     free(cmd.buf);
-    if (ret == 0 && (status.uidnext == 0 || status.uidvalidity == 0))
+    if (ret == 0 && (state->uidnext == 0 || state->uidvalidity == 0))
         ret = -EPROTO;
-    *uidnext = status.uidnext;
-    *uidvalidity = status.uidvalidity;
     return ret;
+}
+
+/* ---------------------------------------------------------------- flags, search */
+
+struct flags_context {
+    uint32_t first, last;
+    imap_flags_fn *fn;
+    void *context;
+};
+
+static int flags_handler(void *context, struct imap_response *response)
+{
+    struct flags_context *flags = context;
+    struct imap_value *attrs = fetch_attributes(response);
+    const struct imap_value *uid_value, *flags_value;
+    uint32_t uid;
+
+    if (!attrs)
+        return 0;
+    uid_value = imap_fetch_item(attrs, "UID");
+    flags_value = imap_fetch_item(attrs, "FLAGS");
+    if (!uid_value || !flags_value || imap_value_u32(uid_value, &uid) < 0 || uid == 0 ||
+        flags_value->kind != IMAP_VALUE_LIST)
+        return 0;
+    if (uid < flags->first || (flags->last && uid > flags->last))
+        return 1;
+    int ret = flags->fn(flags->context, uid, flags_value);
+    return ret < 0 ? ret : 1;
+}
+
+int imap_fetch_flags(struct imap_session *session, uint32_t first, uint32_t last,
+                     uint64_t changedsince, imap_flags_fn *fn, void *context)
+{
+    struct flags_context flags = { first, last, fn, context };
+    char text[128], range[32];
+
+    if (last)
+        snprintf(range, sizeof(range), "%u:%u", first, last);
+    else
+        snprintf(range, sizeof(range), "%u:*", first);
+    if (changedsince)
+        snprintf(text, sizeof(text), "UID FETCH %s (UID FLAGS) (CHANGEDSINCE %llu)", range,
+                 (unsigned long long)changedsince);
+    else
+        snprintf(text, sizeof(text), "UID FETCH %s (UID FLAGS)", range);
+    return simple_command_with(session, text, flags_handler, &flags);
+}
+
+int imap_parse_uid_set(const char *set, size_t max_count, uint32_t **uids, size_t *count)
+{
+    uint32_t *out = NULL;
+    size_t n = 0, cap = 0;
+    const char *cursor = set;
+
+    *uids = NULL;
+    *count = 0;
+    while (*cursor) {
+        char *end;
+        errno = 0;
+        unsigned long first = strtoul(cursor, &end, 10), last;
+        if (errno || end == cursor || first == 0 || first > UINT32_MAX || *cursor == '-')
+            goto bad;
+        last = first;
+        if (*end == ':') {
+            cursor = end + 1;
+            last = strtoul(cursor, &end, 10);
+            if (errno || end == cursor || last == 0 || last > UINT32_MAX || *cursor == '-')
+                goto bad;
+            if (last < first) {
+                unsigned long swap = first;
+                first = last;
+                last = swap;
+            }
+        }
+        if (last - first + 1 > max_count - n)
+            goto bad;
+        if (n + (last - first + 1) > cap) {
+            size_t want = n + (size_t)(last - first + 1);
+            cap = cap ? cap : 64;
+            while (cap < want)
+                cap *= 2;
+            uint32_t *grown = realloc(out, cap * sizeof(*out));
+            if (!grown) {
+                free(out);
+                return -ENOMEM;
+            }
+            out = grown;
+        }
+        for (unsigned long uid = first; uid <= last; uid++)
+            out[n++] = (uint32_t)uid;
+        if (*end == ',')
+            end++;
+        else if (*end != '\0')
+            goto bad;
+        cursor = end;
+    }
+    qsort(out, n, sizeof(*out), compare_u32);
+    *uids = out;
+    *count = n;
+    return 0;
+bad:
+    free(out);
+    return -EPROTO;
+}
+
+struct search_context {
+    uint32_t *uids;
+    size_t count, cap;
+    int failed;
+};
+
+static int search_add(struct search_context *search, uint32_t uid)
+{
+    if (search->count == search->cap) {
+        size_t cap = search->cap ? search->cap * 2 : 256;
+        uint32_t *grown = realloc(search->uids, cap * sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        search->uids = grown;
+        search->cap = cap;
+    }
+    search->uids[search->count++] = uid;
+    return 0;
+}
+
+static int search_handler(void *context, struct imap_response *response)
+{
+    struct search_context *search = context;
+
+    if (response->status != IMAP_STATUS_NONE || response->count < 1)
+        return 0;
+    if (imap_value_is_atom(&response->items[0], "SEARCH")) {
+        for (size_t i = 1; i < response->count; i++) {
+            uint32_t uid;
+            if (imap_value_u32(&response->items[i], &uid) < 0 || uid == 0)
+                return -EPROTO;
+            if (search_add(search, uid) < 0)
+                return -ENOMEM;
+        }
+        return 1;
+    }
+    if (imap_value_is_atom(&response->items[0], "ESEARCH")) {
+        /* * ESEARCH (TAG "A5") UID ALL 1:3,5 */
+        for (size_t i = 1; i + 1 < response->count; i++) {
+            if (!imap_value_is_atom(&response->items[i], "ALL"))
+                continue;
+            const struct imap_value *set = &response->items[i + 1];
+            uint32_t *uids;
+            size_t count;
+            if ((set->kind != IMAP_VALUE_ATOM && set->kind != IMAP_VALUE_NUMBER) ||
+                imap_parse_uid_set(set->str, 1u << 26, &uids, &count) < 0)
+                return -EPROTO;
+            for (size_t j = 0; j < count; j++)
+                if (search_add(search, uids[j]) < 0) {
+                    free(uids);
+                    return -ENOMEM;
+                }
+            free(uids);
+        }
+        return 1;
+    }
+    return 0;
+}
+
+int imap_search_all(struct imap_session *session, uint32_t **uids, size_t *count)
+{
+    struct search_context search = { 0 };
+    int esearch = imap_session_has_capability(session, "ESEARCH");
+    int ret = simple_command_with(session, esearch ? "UID SEARCH RETURN (ALL) ALL" : "UID SEARCH ALL",
+                                  search_handler, &search);
+    if (ret < 0) {
+        free(search.uids);
+        return ret;
+    }
+    qsort(search.uids, search.count, sizeof(*search.uids), compare_u32);
+    *uids = search.uids;
+    *count = search.count;
+    return 0;
 }

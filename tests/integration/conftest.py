@@ -225,18 +225,39 @@ def checker(server):
     c.close()
 
 
-@pytest.fixture(scope="session")
-def server_state(server, checker):
-    """What the server holds, read once with the independent client:
-    folders (LIST), and per selectable folder {uid: size, internaldate, flags}."""
+def snapshot(checker):
+    """What a server holds, read with the independent client: folders (LIST),
+    the delimiter, and per selectable folder {uid: size, internaldate, flags}."""
     folders = checker.list_folders()
-    delimiter = checker.delimiter()
     messages = {}
     for flags, _, raw, _ in folders:
         if flags & {"\\Noselect", "\\NonExistent"}:
             continue
         messages[raw] = checker.messages(raw)
-    return {"folders": folders, "delimiter": delimiter, "messages": messages}
+    return {"folders": folders, "delimiter": checker.delimiter(), "messages": messages}
+
+
+@pytest.fixture(scope="session")
+def server_state(server, checker):
+    return snapshot(checker)
+
+
+@pytest.fixture
+def scratch_server(request):
+    """A server of its own for a test that may change the account (or that
+    checks that it cannot), so a misbehaving imapfs cannot spoil the shared one."""
+    srv = imapserver.TestServer()
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        if srv.dir:
+            rep = getattr(request.node, "rep_call", None)
+            if rep is not None and rep.failed:
+                sys.stderr.write(f"\nscratch server files kept in {srv.dir}\n")
+            else:
+                srv.remove()
 
 
 def _url(server, scheme, port=None, user=None):
@@ -251,18 +272,20 @@ class Mounter:
         self.tmp_path = tmp_path
         self.mounts = []
 
-    def url(self, scheme="imaps", port=None, user=None):
-        return _url(self.server, scheme, port, user)
+    def url(self, scheme="imaps", port=None, user=None, server=None):
+        return _url(server or self.server, scheme, port, user)
 
-    def default_options(self):
-        return [f"cafile={self.server.cafile}", f"password_file={self.server.password_file}"]
+    def default_options(self, server=None):
+        server = server or self.server
+        return [f"cafile={server.cafile}", f"password_file={server.password_file}"]
 
-    def __call__(self, url=None, options=None, extra_args=(), name=None, start=True):
+    def __call__(self, url=None, options=None, extra_args=(), name=None, start=True, server=None):
+        """Mount (by default imaps:// on the session server, or on server=)."""
         n = len(self.mounts)
         name = name or f"mnt{n}"
-        m = Mount(self.imapfs, url or self.url(), str(self.tmp_path / name),
+        m = Mount(self.imapfs, url or self.url(server=server), str(self.tmp_path / name),
                   str(self.tmp_path / f"{name}.log"),
-                  options=self.default_options() if options is None else options,
+                  options=self.default_options(server) if options is None else options,
                   extra_args=extra_args)
         self.mounts.append(m)
         if start:
@@ -296,10 +319,18 @@ def mount(imapfs, server, tmp_path_factory, request):
         mt.cleanup()
 
 
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """On a failing test, show the logs of the mounts it used."""
-    if call.when != "call" or call.excinfo is None:
-        return
+    """Remember each phase's report on the item (item.rep_call), and on a
+    failing test show the logs of the mounts it used."""
+    if call.when == "call" and call.excinfo is not None:
+        _add_mount_logs(item)
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def _add_mount_logs(item):
     funcargs = getattr(item, "funcargs", {})
     mounts = []
     if isinstance(funcargs.get("mount"), Mount):

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import imapserver
-from conftest import is_mounted, mount_entry, fusermount_u
+from conftest import is_mounted, mount_entry, fusermount_u, snapshot
 
 
 # --------------------------------------------------------------------------
@@ -66,11 +66,20 @@ def read_file(path):
         return f.read()
 
 
-def assert_server_unchanged(checker, state):
+def server_changes(checker, state):
+    """What differs on the server from an earlier snapshot, as readable lines."""
+    changes = []
+    before = {raw for _, _, raw, _ in state["folders"]}
     now = {raw for _, _, raw, _ in checker.list_folders()}
-    assert now == {raw for _, _, raw, _ in state["folders"]}, "folders changed on the server"
+    changes += [f"folder {raw!r} appeared" for raw in sorted(now - before)]
+    changes += [f"folder {raw!r} disappeared" for raw in sorted(before - now)]
     for raw, msgs in state["messages"].items():
-        assert set(checker.messages(raw)) == set(msgs), f"messages of {raw} changed on the server"
+        if raw not in now:
+            continue
+        uids = set(checker.messages(raw))
+        changes += [f"{raw}: UID {uid} appeared" for uid in sorted(uids - set(msgs))]
+        changes += [f"{raw}: UID {uid} disappeared" for uid in sorted(set(msgs) - uids)]
+    return changes
 
 
 # --------------------------------------------------------------------------
@@ -316,37 +325,69 @@ def test_optional_second_read_served_from_cache(mounter, server):
 # --------------------------------------------------------------------------
 # writes: this version is read-only
 
-def _expect_erofs(fn, *args):
-    with pytest.raises(OSError) as exc:
+def _errno_of(fn, *args):
+    try:
         fn(*args)
-    assert exc.value.errno == errno.EROFS, f"{fn.__name__}{args}: {exc.value}"
+    except OSError as e:
+        return e.errno
+    return 0
 
 
-def test_writes_are_refused_with_erofs(mount, server_state, checker):
-    mp = mount.mountpoint
-    _expect_erofs(lambda p: open(p, "wb").close(), os.path.join(mp, "INBOX", "new.eml"))
-    _expect_erofs(lambda p: open(p, "r+b").close(), os.path.join(mp, "INBOX", "1.eml"))
-    _expect_erofs(lambda p: open(p, "ab").close(), os.path.join(mp, "INBOX", "1.eml"))
-    _expect_erofs(os.mkdir, os.path.join(mp, "NewFolder"))
-    _expect_erofs(os.mkdir, os.path.join(mp, "Lists", "newlist"))
-    _expect_erofs(os.unlink, os.path.join(mp, "INBOX", "1.eml"))
-    _expect_erofs(os.rmdir, os.path.join(mp, "Trash"))
-    _expect_erofs(os.rename, os.path.join(mp, "INBOX", "1.eml"), os.path.join(mp, "Archive", "1.eml"))
-    _expect_erofs(os.rename, os.path.join(mp, "INBOX", "1.eml"), os.path.join(mp, "INBOX", "x.eml"))
-    _expect_erofs(os.rename, os.path.join(mp, "Trash"), os.path.join(mp, "Bin"))
-    _expect_erofs(os.truncate, os.path.join(mp, "INBOX", "1.eml"), 0)
-    _expect_erofs(os.chmod, os.path.join(mp, "INBOX", "1.eml"), 0o644)
-    assert_server_unchanged(checker, server_state)
+def _create(path):
+    with open(path, "wb") as f:
+        f.write(b"Subject: x\r\n\r\nx\r\n")
 
 
-def test_shell_writes_fail(mount, server_state, checker):
-    mp = mount.mountpoint
-    for cmd in (f"echo hi > '{mp}/INBOX/hi.eml'", f"mkdir '{mp}/Neu'", f"rm '{mp}/INBOX/2.eml'",
-                f"mv '{mp}/INBOX/2.eml' '{mp}/Trash/'", f"cp '{mp}/INBOX/2.eml' '{mp}/Trash/'"):
+def test_writes_are_refused_with_erofs(mounter, scratch_server):
+    m = mounter(server=scratch_server)
+    mp = m.mountpoint
+    with scratch_server.checker() as checker:
+        state = snapshot(checker)
+    p = lambda *parts: os.path.join(mp, *parts)  # noqa: E731
+    attempts = [
+        ("create INBOX/new.eml", _create, p("INBOX", "new.eml")),
+        ("open INBOX/1.eml r+", lambda x: open(x, "r+b").close(), p("INBOX", "1.eml")),
+        ("open INBOX/1.eml append", lambda x: open(x, "ab").close(), p("INBOX", "1.eml")),
+        ("truncate INBOX/1.eml", os.truncate, p("INBOX", "1.eml"), 0),
+        ("mkdir NewFolder", os.mkdir, p("NewFolder")),
+        ("mkdir Lists/newlist", os.mkdir, p("Lists", "newlist")),
+        ("rename INBOX/1.eml Archive/1.eml", os.rename, p("INBOX", "1.eml"), p("Archive", "1.eml")),
+        ("rename INBOX/1.eml INBOX/x.eml", os.rename, p("INBOX", "1.eml"), p("INBOX", "x.eml")),
+        ("rename Trash Bin", os.rename, p("Trash"), p("Bin")),
+        ("setxattr user.imap.flags", os.setxattr, p("INBOX", "1.eml"), "user.imap.flags", b"\\Seen"),
+        # last: if these wrongly succeed, the targets above would be gone
+        ("unlink INBOX/1.eml", os.unlink, p("INBOX", "1.eml")),
+        ("rmdir Trash", os.rmdir, p("Trash")),
+    ]
+    wrong = []
+    for what, fn, *args in attempts:
+        err = _errno_of(fn, *args)
+        if err != errno.EROFS:
+            wrong.append(f"{what}: {os.strerror(err) if err else 'succeeded'}")
+    with scratch_server.checker() as checker:
+        changes = server_changes(checker, state)
+    assert not wrong and not changes, \
+        "not refused with EROFS:\n  " + "\n  ".join(wrong) + "\nchanged on the server:\n  " + "\n  ".join(changes)
+    m.unmount()
+
+
+def test_shell_writes_fail(mounter, scratch_server):
+    m = mounter(server=scratch_server)
+    mp = m.mountpoint
+    with scratch_server.checker() as checker:
+        state = snapshot(checker)
+    wrong = []
+    for cmd in (f"echo hi > '{mp}/INBOX/hi.eml'", f"mkdir '{mp}/Neu'",
+                f"cp '{mp}/INBOX/2.eml' '{mp}/Trash/'", f"mv '{mp}/INBOX/2.eml' '{mp}/Trash/'",
+                f"rm '{mp}/INBOX/3.eml'"):
         r = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert r.returncode != 0, cmd
-        assert "Read-only file system" in r.stdout, (cmd, r.stdout)
-    assert_server_unchanged(checker, server_state)
+        if r.returncode == 0 or "Read-only file system" not in r.stdout:
+            wrong.append(f"{cmd} -> status {r.returncode}: {r.stdout.strip()}")
+    with scratch_server.checker() as checker:
+        changes = server_changes(checker, state)
+    assert not wrong and not changes, \
+        "not refused with EROFS:\n  " + "\n  ".join(wrong) + "\nchanged on the server:\n  " + "\n  ".join(changes)
+    m.unmount()
 
 
 # --------------------------------------------------------------------------
