@@ -57,6 +57,8 @@ struct cache_folder {
     double listed_at;       /* monotonic time of the last UID table refresh; 0 = never */
     double used_at;         /* monotonic time the mount last used it (fs/ sets it):
                                the watcher keeps recently used folders in sync */
+    uint32_t scan_uids[4];  /* fs/: where recent readers were, to recognise scans */
+    unsigned scan_next;     /* fs/: which of scan_uids to replace next */
 
     UT_hash_handle hh;      /* in cache->by_id */
 };

@@ -29,6 +29,17 @@
 #define BATCH_MESSAGES 64
 #define BATCH_BYTES (4u << 20)
 
+struct readahead_request {
+    uint32_t folder_id, from_uid;
+    int step;                       /* 1 or -1: the reader's direction */
+};
+
+/* One read-ahead thread per scan position that rg -j4 and the like keep
+ * busy; a short queue, newest first, since the newest gap is the one a
+ * reader will hit next. */
+#define READAHEAD_THREADS 2
+#define READAHEAD_QUEUE 8
+
 struct inflight {
     struct { uint32_t folder_id, uid; } key;
     UT_hash_handle hh;
@@ -60,10 +71,19 @@ struct fs_account {
     pthread_mutex_t inflight_lock;
     pthread_cond_t inflight_done;
     struct inflight *inflight;      /* protected by inflight_lock */
+
+    pthread_t readahead_threads[READAHEAD_THREADS];
+    int readahead_running;                      /* threads started */
+    pthread_mutex_t readahead_lock;
+    pthread_cond_t readahead_wake;
+    struct readahead_request readahead_queue[READAHEAD_QUEUE]; /* protected by readahead_lock */
+    size_t readahead_queued;                    /* protected by readahead_lock */
+    int readahead_stop;                         /* protected by readahead_lock */
 };
 
 static void unsolicited(void *context, struct imap_session *session,
                         const struct imap_response *response);
+static void *readahead_main(void *arg);
 
 static double now_monotonic(void)
 {
@@ -98,6 +118,8 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     pthread_cond_init(&account->pool_changed, NULL);
     pthread_mutex_init(&account->inflight_lock, NULL);
     pthread_cond_init(&account->inflight_done, NULL);
+    pthread_mutex_init(&account->readahead_lock, NULL);
+    pthread_cond_init(&account->readahead_wake, NULL);
     account->hide_deleted = !imap_session_has_capability(first, "UIDPLUS");
     imap_session_set_unsolicited(first, unsolicited, account);
     account->idle[account->idle_count++] = first;
@@ -109,6 +131,14 @@ void fs_account_free(struct fs_account *account)
 {
     if (!account)
         return;
+    if (account->readahead_running) {
+        pthread_mutex_lock(&account->readahead_lock);
+        account->readahead_stop = 1;
+        pthread_cond_broadcast(&account->readahead_wake);
+        pthread_mutex_unlock(&account->readahead_lock);
+        for (int i = 0; i < account->readahead_running; i++)
+            pthread_join(account->readahead_threads[i], NULL);
+    }
     for (size_t i = 0; i < account->idle_count; i++)
         imap_session_close(account->idle[i]);
     free(account->idle);
@@ -125,6 +155,17 @@ void fs_account_free(struct fs_account *account)
         free(entry);
     }
     free(account);
+}
+
+int fs_account_start(struct fs_account *account)
+{
+    for (int i = 0; i < READAHEAD_THREADS; i++) {
+        int ret = pthread_create(&account->readahead_threads[i], NULL, readahead_main, account);
+        if (ret != 0)
+            return -ret;
+        account->readahead_running++;
+    }
+    return 0;
 }
 
 struct cache *fs_account_cache(struct fs_account *account) { return account->cache; }
@@ -799,12 +840,27 @@ static struct inflight *inflight_find(struct fs_account *account, uint32_t folde
     return found;
 }
 
+/* Clears one in-flight mark and wakes whoever waits for it.  Caller holds
+ * inflight_lock. */
+static void inflight_clear(struct fs_account *account, uint32_t folder_id, uint32_t uid)
+{
+    struct inflight *entry = inflight_find(account, folder_id, uid);
+    if (entry) {
+        HASH_DEL(account->inflight, entry);
+        free(entry);
+        pthread_cond_broadcast(&account->inflight_done);
+    }
+}
+
 struct body_batch {
     struct fs_account *account;
-    uint32_t folder_id, uidvalidity, wanted_uid;
+    uint32_t folder_id, uidvalidity, wanted_uid;   /* wanted_uid 0: a prefetch */
     struct cache_body *wanted;      /* referenced once it arrives */
 };
 
+/* Each body goes into the cache the moment its literal is complete, and its
+ * in-flight mark is cleared at once: a reader waiting for one message of a
+ * batch does not wait for the rest of the batch. */
 static int store_body(void *context, uint32_t uid, char *body, size_t len)
 {
     struct body_batch *batch = context;
@@ -814,35 +870,60 @@ static int store_body(void *context, uint32_t uid, char *body, size_t len)
     cache_lock(account->cache);
     struct cache_folder *folder = cache_folder_by_id(account->cache, batch->folder_id);
     struct cache_message *message = folder ? cache_folder_find(folder, uid) : NULL;
-    if (message && message->size != len) {
+    int resized = message && message->size != len;
+    if (resized) {
         log_info("message %u: RFC822.SIZE %llu but %zu bytes fetched; using %zu", uid,
                  (unsigned long long)message->size, len, len);
         message->size = len;
     }
     cache_unlock(account->cache);
+    if (resized) /* the kernel holds the old size */
+        fs_notify_inode(account->notifier, fs_ino_message(batch->folder_id, uid));
 
     if (uid == batch->wanted_uid && !batch->wanted) {
         batch->wanted = cache_body_insert(account->bodies, batch->folder_id, batch->uidvalidity,
                                           uid, body, len);
-        return batch->wanted ? 0 : -ENOMEM;
+        if (!batch->wanted)
+            return -ENOMEM;
+    } else {
+        cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity, uid, body, len);
     }
-    cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity, uid, body, len);
+    pthread_mutex_lock(&account->inflight_lock);
+    inflight_clear(account, batch->folder_id, uid);
+    pthread_mutex_unlock(&account->inflight_lock);
     return 0;
 }
 
-/* Picks uid and the uncached, not-in-flight messages after it, and marks
- * them in flight.  Caller holds inflight_lock; takes the cache lock. */
-static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t uid,
-                      uint32_t *uids, size_t *count, uint32_t *uidvalidity, char **mailbox)
+/* Picks messages to fetch, from the one at first_uid on (step 1: upwards,
+ * -1: downwards, for a reader going backwards), skipping what is
+ * cached or already in flight, up to limit messages / BATCH_BYTES, and marks
+ * them in flight.  With must_include, the message at first_uid is taken
+ * whatever its state (the caller checked it is missing).  Caller holds
+ * inflight_lock; takes the cache lock. */
+static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t first_uid,
+                      int step, size_t limit, int must_include, uint32_t *uids, size_t *count,
+                      uint32_t *uidvalidity, char **mailbox)
 {
     struct cache_folder *folder;
     uint64_t bytes = 0;
     size_t n = 0;
 
+    *count = 0;
     cache_lock(account->cache);
     folder = cache_folder_by_id(account->cache, folder_id);
-    struct cache_message *first = folder ? cache_folder_find(folder, uid) : NULL;
-    if (!first) {
+    struct cache_message *first = NULL;
+    if (folder) { /* the first message with uid >= first_uid */
+        size_t lo = 0, hi = folder->count;
+        while (lo < hi) {
+            size_t mid = lo + (hi - lo) / 2;
+            if (folder->messages[mid].uid < first_uid)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        first = lo < folder->count ? &folder->messages[lo] : NULL;
+    }
+    if (!first || (must_include && first->uid != first_uid)) {
         cache_unlock(account->cache);
         return -ENOENT;
     }
@@ -853,9 +934,10 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t u
         return -ENOMEM;
     }
     for (struct cache_message *message = first;
-         message < folder->messages + folder->count && n < BATCH_MESSAGES; message++) {
-        if (message != first) {
-            if (bytes + message->size > BATCH_BYTES)
+         message >= folder->messages && message < folder->messages + folder->count && n < limit;
+         message += step) {
+        if (!(must_include && message == first)) {
+            if (n && bytes + message->size > BATCH_BYTES)
                 break;
             if (cache_body_contains(account->bodies, folder_id, *uidvalidity, message->uid) ||
                 inflight_find(account, folder_id, message->uid))
@@ -880,6 +962,160 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t u
     return 0;
 }
 
+/* Fetches the planned batch (retrying once on a fresh connection: fetching
+ * is idempotent) and clears whatever in-flight marks are left. */
+static int fetch_batch(struct fs_account *account, struct body_batch *batch, const char *mailbox,
+                       const uint32_t *uids, size_t count)
+{
+    int ret = 0;
+
+    for (int attempt = 0; attempt < 2 && count; attempt++) {
+        struct imap_session *session;
+        ret = session_acquire(account, mailbox, &session);
+        if (ret == 0) {
+            struct imap_mailbox_state state;
+            ret = imap_select(session, mailbox, 1, &state);
+            if (ret == 0 && state.uidvalidity != batch->uidvalidity)
+                ret = -ESTALE; /* the folder was rebuilt; its next listing resets the cache */
+            if (ret == 0) {
+                log_debug("fetching %zu message(s) from %s from UID %u%s", count, mailbox,
+                          uids[0], batch->wanted_uid ? "" : " (read-ahead)");
+                ret = imap_fetch_bodies(session, uids, count, store_body, batch);
+            }
+            session_release(account, session);
+        }
+        if (ret != -EIO || (batch->wanted_uid && batch->wanted))
+            break;
+    }
+    pthread_mutex_lock(&account->inflight_lock);
+    for (size_t i = 0; i < count; i++)
+        inflight_clear(account, batch->folder_id, uids[i]);
+    pthread_mutex_unlock(&account->inflight_lock);
+    return ret;
+}
+
+/* ---------------------------------------------------------------- read-ahead
+ *
+ * A reader that goes through a folder in UID order (grep -r, rg, tar, find
+ * -exec) is recognised by reading a message shortly after the one it read
+ * before.  For such a scan the read-ahead thread keeps the next
+ * READAHEAD_MESSAGES messages fetched or in flight, so the network works
+ * while the reader reads.  It only ever acts on a read, so it stops when the
+ * reader stops, and it never sets \Seen (BODY.PEEK). */
+
+#define READAHEAD_MESSAGES 96
+#define SCAN_GAP 8              /* "sequential": within 8 messages of the last read */
+
+static void *readahead_main(void *arg)
+{
+    struct fs_account *account = arg;
+
+    pthread_mutex_lock(&account->readahead_lock);
+    for (;;) {
+        while (!account->readahead_stop && !account->readahead_queued)
+            pthread_cond_wait(&account->readahead_wake, &account->readahead_lock);
+        if (account->readahead_stop)
+            break;
+        struct readahead_request request = account->readahead_queue[--account->readahead_queued];
+        pthread_mutex_unlock(&account->readahead_lock);
+
+        uint32_t uids[BATCH_MESSAGES], uidvalidity = 0;
+        size_t count = 0;
+        char *mailbox = NULL;
+        pthread_mutex_lock(&account->inflight_lock);
+        int ret = plan_batch(account, request.folder_id, request.from_uid, request.step,
+                             BATCH_MESSAGES, 0, uids, &count, &uidvalidity, &mailbox);
+        pthread_mutex_unlock(&account->inflight_lock);
+        if (ret == 0 && count) {
+            struct body_batch batch = { account, request.folder_id, uidvalidity, 0, NULL };
+            fetch_batch(account, &batch, mailbox, uids, count);
+        }
+        free(mailbox);
+        pthread_mutex_lock(&account->readahead_lock);
+    }
+    pthread_mutex_unlock(&account->readahead_lock);
+    return NULL;
+}
+
+/* Called on every read of a message's body: notes where readers are and,
+ * for a scan, asks the read-ahead thread to fill the window after uid in the
+ * scan's direction.  A folder keeps a few reader positions, because parallel
+ * readers (rg -j4 walks from both ends) scan in several places at once.
+ * Returns 0 for a lone read, else the scan's direction (1 or -1). */
+static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t uid)
+{
+    const size_t cursors = sizeof(((struct cache_folder *)0)->scan_uids) / sizeof(uint32_t);
+    uint32_t uidvalidity = 0, gap_uid = 0;
+    int step = 0;
+
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    if (folder) {
+        size_t lo = 0, hi = folder->count;
+        while (lo < hi) {
+            size_t mid = lo + (hi - lo) / 2;
+            if (folder->messages[mid].uid < uid)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        /* A reader was at one of the SCAN_GAP messages around this one. */
+        size_t cursor = cursors;
+        for (size_t i = lo > SCAN_GAP ? lo - SCAN_GAP : 0;
+             cursor == cursors && i < folder->count && i <= lo + SCAN_GAP; i++) {
+            if (i == lo)
+                continue;
+            for (size_t c = 0; c < cursors; c++)
+                if (folder->scan_uids[c] && folder->messages[i].uid == folder->scan_uids[c]) {
+                    cursor = c;
+                    step = i < lo ? 1 : -1;
+                    break;
+                }
+        }
+        if (cursor == cursors) /* a new reader takes the oldest place */
+            cursor = folder->scan_next++ % cursors;
+        folder->scan_uids[cursor] = uid;
+        uidvalidity = folder->uidvalidity;
+        /* the first message in the window that is not cached yet */
+        for (size_t k = 1; step && k <= READAHEAD_MESSAGES; k++) {
+            size_t i = step > 0 ? lo + k : lo - k;
+            if ((step < 0 && k > lo) || i >= folder->count)
+                break;
+            uint32_t next = folder->messages[i].uid;
+            if (!cache_body_contains(account->bodies, folder_id, uidvalidity, next)) {
+                gap_uid = next;
+                break;
+            }
+        }
+    }
+    cache_unlock(account->cache);
+    if (!gap_uid)
+        return step;
+    pthread_mutex_lock(&account->inflight_lock);
+    int coming = inflight_find(account, folder_id, gap_uid) != NULL;
+    pthread_mutex_unlock(&account->inflight_lock);
+    if (coming) /* planned already: the next gap appears once this batch lands */
+        return step;
+    struct readahead_request request = { folder_id, gap_uid, step };
+    pthread_mutex_lock(&account->readahead_lock);
+    size_t i;
+    for (i = 0; i < account->readahead_queued; i++)
+        if (account->readahead_queue[i].folder_id == folder_id &&
+            account->readahead_queue[i].from_uid == gap_uid)
+            break;
+    if (i == account->readahead_queued) {
+        if (account->readahead_queued == READAHEAD_QUEUE) { /* drop the oldest */
+            memmove(account->readahead_queue, account->readahead_queue + 1,
+                    (READAHEAD_QUEUE - 1) * sizeof(request));
+            account->readahead_queued--;
+        }
+        account->readahead_queue[account->readahead_queued++] = request;
+        pthread_cond_signal(&account->readahead_wake);
+    }
+    pthread_mutex_unlock(&account->readahead_lock);
+    return step;
+}
+
 int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid,
                     struct cache_body **out)
 {
@@ -896,8 +1132,10 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
         return -ENOENT;
     }
     uidvalidity = folder->uidvalidity;
+    folder->used_at = now_monotonic();
     cache_unlock(account->cache);
 
+    int step = note_read(account, folder_id, uid);
     pthread_mutex_lock(&account->inflight_lock);
     for (;;) {
         *out = cache_body_get(account->bodies, folder_id, uidvalidity, uid);
@@ -909,32 +1147,21 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
             break;
         pthread_cond_wait(&account->inflight_done, &account->inflight_lock);
     }
-    ret = plan_batch(account, folder_id, uid, uids, &count, &uidvalidity, &mailbox);
+    /* A miss.  A scan fetches a batch; a lone read (a mail client opening
+     * one message, cat) fetches just its message. */
+    ret = plan_batch(account, folder_id, uid, step ? step : 1, step ? BATCH_MESSAGES : 1, 1,
+                     uids, &count, &uidvalidity, &mailbox);
     pthread_mutex_unlock(&account->inflight_lock);
-    if (ret < 0)
-        goto done;
-
-    struct body_batch batch = { account, folder_id, uidvalidity, uid, NULL };
-    /* Fetching is idempotent: a connection that broke (a server restart, an
-     * idle connection the server closed) gets one more try on a fresh one. */
-    for (int attempt = 0; attempt < 2; attempt++) {
-        struct imap_session *session;
-        ret = session_acquire(account, mailbox, &session);
-        if (ret == 0) {
-            struct imap_mailbox_state state;
-            ret = imap_select(session, mailbox, 1, &state);
-            if (ret == 0 && state.uidvalidity != uidvalidity)
-                ret = -ESTALE; /* the folder was rebuilt; its next listing resets the cache */
-            if (ret == 0) {
-                log_debug("fetching %zu message(s) from %s starting at UID %u", count, mailbox,
-                          uid);
-                ret = imap_fetch_bodies(session, uids, count, store_body, &batch);
-            }
-            session_release(account, session);
-        }
-        if (ret != -EIO || batch.wanted)
-            break;
+    if (ret < 0) {
+        pthread_mutex_lock(&account->inflight_lock);
+        for (size_t i = 0; i < count; i++)
+            inflight_clear(account, folder_id, uids[i]);
+        pthread_mutex_unlock(&account->inflight_lock);
+        free(mailbox);
+        return ret;
     }
+    struct body_batch batch = { account, folder_id, uidvalidity, uid, NULL };
+    ret = fetch_batch(account, &batch, mailbox, uids, count);
     if (ret == 0 && !batch.wanted)
         ret = -ENOENT; /* expunged by someone else meanwhile */
     if (ret < 0 && batch.wanted) {
@@ -942,17 +1169,6 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
         batch.wanted = NULL;
     }
     *out = batch.wanted;
-done:
-    pthread_mutex_lock(&account->inflight_lock);
-    for (size_t i = 0; i < count; i++) {
-        struct inflight *entry = inflight_find(account, folder_id, uids[i]);
-        if (entry) {
-            HASH_DEL(account->inflight, entry);
-            free(entry);
-        }
-    }
-    pthread_cond_broadcast(&account->inflight_done);
-    pthread_mutex_unlock(&account->inflight_lock);
     free(mailbox);
     if (ret < 0 && ret != -ENOENT && ret != -ENOMEM)
         ret = -EIO;

@@ -60,6 +60,8 @@ struct fs_account *fs_account_new(const struct fs_options *options,
                                   const struct imap_config *config,
                                   struct imap_session *first);
 void fs_account_free(struct fs_account *account);
+/* Starts the account's threads (read-ahead); after daemonizing. */
+int fs_account_start(struct fs_account *account);
 struct cache *fs_account_cache(struct fs_account *account);
 double fs_account_dir_timeout(const struct fs_account *account);
 

@@ -8,6 +8,7 @@
 #include "imap/log.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +29,12 @@ int main(int argc, char *argv[])
     int ret = 1;
 
     signal(SIGPIPE, SIG_IGN);
+    /* Message bodies come and go in large blocks: serve every block of
+     * 256 KiB or more with its own mapping (glibc's threshold would otherwise
+     * creep up and leave freed bodies in the heap), and keep few arenas, so
+     * memory given back by the body cache really leaves the process. */
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+    mallopt(M_ARENA_MAX, 4);
     if (fs_options_parse(&args, &options) < 0)
         goto out;
     if (options.show_help) {
@@ -104,6 +111,10 @@ int main(int argc, char *argv[])
     /* Threads start only now: fuse_daemonize forks, and threads do not follow. */
     if (fs_notifier_start(fs_account_notifier(account), se) < 0) {
         log_error("cannot start the notifier thread");
+        goto out_unmount;
+    }
+    if (fs_account_start(account) < 0) {
+        log_error("cannot start the read-ahead thread");
         goto out_unmount;
     }
     watcher = fs_watcher_start(account);

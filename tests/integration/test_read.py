@@ -338,8 +338,14 @@ def _create(path):
         f.write(b"Subject: x\r\n\r\nx\r\n")
 
 
-def test_writes_are_refused_with_erofs(mounter, scratch_server):
-    m = mounter(server=scratch_server)
+# "default": the plain mount of the read-only issue (to be replaced by write
+# tests once writes are in scope); "ro": -o ro must refuse writes in any version.
+WRITE_MODES = {"default": [], "ro": ["ro"]}
+
+
+@pytest.mark.parametrize("mode", sorted(WRITE_MODES))
+def test_writes_are_refused_with_erofs(mode, mounter, scratch_server):
+    m = mounter(server=scratch_server, options=mounter.default_options(scratch_server) + WRITE_MODES[mode])
     mp = m.mountpoint
     with scratch_server.checker() as checker:
         state = snapshot(checker)
@@ -371,8 +377,9 @@ def test_writes_are_refused_with_erofs(mounter, scratch_server):
     m.unmount()
 
 
-def test_shell_writes_fail(mounter, scratch_server):
-    m = mounter(server=scratch_server)
+@pytest.mark.parametrize("mode", sorted(WRITE_MODES))
+def test_shell_writes_fail(mode, mounter, scratch_server):
+    m = mounter(server=scratch_server, options=mounter.default_options(scratch_server) + WRITE_MODES[mode])
     mp = m.mountpoint
     with scratch_server.checker() as checker:
         state = snapshot(checker)
