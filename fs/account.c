@@ -68,6 +68,11 @@ struct fs_account {
     char delimiter;                 /* for new top-level folders; protected by cache lock */
     int hide_deleted;               /* no UIDPLUS: see fs_account_hides_deleted */
 
+    pthread_mutex_t quota_lock;
+    double quota_at;                /* when last asked; protected by quota_lock */
+    int quota_known;                /* protected by quota_lock */
+    uint64_t quota_used, quota_limit; /* bytes; protected by quota_lock */
+
     pthread_mutex_t inflight_lock;
     pthread_cond_t inflight_done;
     struct inflight *inflight;      /* protected by inflight_lock */
@@ -119,6 +124,7 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     pthread_mutex_init(&account->inflight_lock, NULL);
     pthread_cond_init(&account->inflight_done, NULL);
     pthread_mutex_init(&account->readahead_lock, NULL);
+    pthread_mutex_init(&account->quota_lock, NULL);
     pthread_cond_init(&account->readahead_wake, NULL);
     account->hide_deleted = !imap_session_has_capability(first, "UIDPLUS");
     imap_session_set_unsolicited(first, unsolicited, account);
@@ -1788,4 +1794,33 @@ int fs_account_rename_folder(struct fs_account *account, uint32_t parent_id, con
     free(from);
     free(to);
     return ret;
+}
+
+/* ---------------------------------------------------------------- quota */
+
+#define QUOTA_SECONDS 60.0
+
+int fs_account_quota(struct fs_account *account, uint64_t *used, uint64_t *limit)
+{
+    pthread_mutex_lock(&account->quota_lock);
+    double now = now_monotonic();
+    if (account->quota_at == 0 || now - account->quota_at > QUOTA_SECONDS) {
+        struct imap_session *session;
+        uint64_t used_kib, limit_kib;
+        account->quota_at = now; /* also after a failure: df must stay quick */
+        if (session_acquire(account, NULL, &session) == 0) {
+            int ret = imap_quota_storage(session, "INBOX", &used_kib, &limit_kib);
+            session_release(account, session);
+            account->quota_known = ret == 0;
+            if (ret == 0) {
+                account->quota_used = used_kib * 1024;
+                account->quota_limit = limit_kib * 1024;
+            }
+        }
+    }
+    int known = account->quota_known;
+    *used = account->quota_used;
+    *limit = account->quota_limit;
+    pthread_mutex_unlock(&account->quota_lock);
+    return known ? 0 : -ENOTSUP;
 }

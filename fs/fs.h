@@ -95,6 +95,9 @@ int fs_account_append(struct fs_account *account, uint32_t folder_id, const char
 /* Replaces the flags ("\\Seen $Work", validated by the caller). */
 int fs_account_store_flags(struct fs_account *account, uint32_t folder_id, uint32_t uid,
                            const char *flags);
+/* The account's storage quota in bytes (asked at most once a minute);
+ * -ENOTSUP when the server has none. */
+int fs_account_quota(struct fs_account *account, uint64_t *used, uint64_t *limit);
 int fs_account_create_folder(struct fs_account *account, uint32_t parent_id, const char *name);
 int fs_account_delete_folder(struct fs_account *account, uint32_t parent_id, const char *name);
 int fs_account_rename_folder(struct fs_account *account, uint32_t parent_id, const char *name,

@@ -434,14 +434,21 @@ static void fs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void fs_statfs(fuse_req_t req, fuse_ino_t ino)
 {
     struct statvfs st;
+    uint64_t used, limit;
 
     (void)ino;
     memset(&st, 0, sizeof(st));
-    /* No quota known: large numbers, never an error. */
-    st.f_bsize = st.f_frsize = 4096;
-    st.f_blocks = st.f_bfree = st.f_bavail = 1ull << 30;
-    st.f_files = st.f_ffree = st.f_favail = 1ull << 32;
+    st.f_bsize = st.f_frsize = 1024;
     st.f_namemax = 255;
+    st.f_files = st.f_ffree = st.f_favail = 1ull << 32;
+    if (fs_account_quota(account_of(req), &used, &limit) == 0) {
+        /* df shows the quota: size, used, available */
+        st.f_blocks = limit / 1024;
+        st.f_bfree = st.f_bavail = used < limit ? (limit - used) / 1024 : 0;
+    } else {
+        /* no quota known: large numbers, never an error */
+        st.f_blocks = st.f_bfree = st.f_bavail = 1ull << 40;
+    }
     fuse_reply_statfs(req, &st);
 }
 

@@ -179,6 +179,12 @@ void imap_session_forget_selected(struct imap_session *session);
 int imap_status(struct imap_session *session, const char *mailbox,
                 struct imap_mailbox_state *state);
 
+/* GETQUOTAROOT mailbox: the STORAGE resource of its first quota root, in
+ * KiB (RFC 9208 units of 1024 octets).  -ENOTSUP without QUOTA or when no
+ * STORAGE limit is set. */
+int imap_quota_storage(struct imap_session *session, const char *mailbox, uint64_t *used_kib,
+                       uint64_t *limit_kib);
+
 /* The text of the last tagged NO/BAD this session received ("" if none), for
  * error messages in the log. */
 const char *imap_session_last_error(const struct imap_session *session);

@@ -223,8 +223,8 @@ static int text_append(struct imap_parser *parser, const char *bytes, size_t len
         return -EMSGSIZE;
     if (len >= parser->text_cap - parser->text_len) {
         size_t cap = parser->text_cap ? parser->text_cap : 1024;
-        /* text_len + len <= max_line <= SIZE_MAX, so need cannot wrap but
-         * for max_line == SIZE_MAX, guarded here */
+        /* text_len + len <= max_line; only max_line == SIZE_MAX could make
+         * the + 1 below wrap */
         if (parser->text_len + len == SIZE_MAX)
             return -ENOMEM;
         size_t need = parser->text_len + len + 1;

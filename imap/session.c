@@ -1485,3 +1485,56 @@ int imap_search_all(struct imap_session *session, uint32_t **uids, size_t *count
     *count = search.count;
     return 0;
 }
+
+/* ---------------------------------------------------------------- quota */
+
+struct quota_context {
+    uint64_t used, limit;
+    int found;
+};
+
+static int quota_handler(void *context, struct imap_response *response)
+{
+    struct quota_context *quota = context;
+
+    if (response->status != IMAP_STATUS_NONE || response->count < 1)
+        return 0;
+    if (imap_value_is_atom(&response->items[0], "QUOTAROOT"))
+        return 1;
+    if (!imap_value_is_atom(&response->items[0], "QUOTA") || response->count != 3 ||
+        response->items[2].kind != IMAP_VALUE_LIST)
+        return 0;
+    /* * QUOTA "" (STORAGE 10 512 MESSAGE 3 1000) */
+    const struct imap_value *resources = &response->items[2];
+    for (size_t i = 0; i + 2 < resources->count && !quota->found; i += 3) {
+        if (imap_value_is_atom(&resources->items[i], "STORAGE") &&
+            resources->items[i + 1].kind == IMAP_VALUE_NUMBER &&
+            resources->items[i + 2].kind == IMAP_VALUE_NUMBER) {
+            quota->used = resources->items[i + 1].number;
+            quota->limit = resources->items[i + 2].number;
+            quota->found = 1;
+        }
+    }
+    return 1;
+}
+
+int imap_quota_storage(struct imap_session *session, const char *mailbox, uint64_t *used_kib,
+                       uint64_t *limit_kib)
+{
+    struct command cmd = { .redact_from = -1 };
+    struct quota_context quota = { 0, 0, 0 };
+
+    if (!imap_session_has_capability(session, "QUOTA"))
+        return -ENOTSUP;
+    command_add(&cmd, "GETQUOTAROOT ", 13);
+    command_add_string(session, &cmd, mailbox, strlen(mailbox));
+    int ret = run_command(session, &cmd, quota_handler, &quota, NULL);
+    free(cmd.buf);
+    if (ret < 0)
+        return ret;
+    if (!quota.found || quota.limit == 0)
+        return -ENOTSUP;
+    *used_kib = quota.used;
+    *limit_kib = quota.limit;
+    return 0;
+}
