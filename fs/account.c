@@ -346,6 +346,12 @@ static char **mailbox_components(const struct imap_mailbox *mailbox, size_t *dep
         if (end)
             *end = '\0';
         char *name = fs_name_from_component(cursor);
+        if (name && strlen(name) > 255) { /* escaping can triple a name's length */
+            log_warn("skipping mailbox \"%s\": a level of its name is too long for a file name",
+                     mailbox->name);
+            free(name);
+            goto fail;
+        }
         char **grown = realloc(components, (count + 1) * sizeof(*components));
         if (!name || !grown) {
             log_warn("skipping mailbox \"%s\": a level of its name is empty or not UTF-8",
