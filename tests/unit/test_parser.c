@@ -921,10 +921,10 @@ static void test_defaults(void)
 {
     struct imap_parser_limits limits;
     imap_parser_default_limits(&limits);
-    CHECK(limits.max_line == 64u * 1024 * 1024);
+    CHECK(limits.max_line == 16u * 1024 * 1024);
     CHECK(limits.max_literal == 2ull * 1024 * 1024 * 1024);
     CHECK(limits.max_depth == 32);
-    CHECK(limits.max_values == 4u * 1024 * 1024);
+    CHECK(limits.max_values == 1024u * 1024);
     imap_parser_free(NULL);
     imap_response_free(NULL);
 }
