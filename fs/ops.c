@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Per open message file: the body, fetched at the first read. */
@@ -41,9 +42,13 @@ static uint32_t ino_uid(fuse_ino_t ino)
     return ino == FUSE_ROOT_ID ? 0 : (uint32_t)ino;
 }
 
+/* Folders have no date of their own in IMAP; they show the mount's start. */
+static time_t mounted_at;
+
 static void folder_attr(const struct cache_folder *folder, struct stat *st)
 {
     memset(st, 0, sizeof(*st));
+    st->st_mtim.tv_sec = st->st_atim.tv_sec = st->st_ctim.tv_sec = mounted_at;
     st->st_ino = fs_ino_folder(folder->id);
     st->st_mode = S_IFDIR | 0700;
     st->st_nlink = 2;
@@ -86,6 +91,7 @@ static int ensure_listed(struct fs_account *account, uint32_t folder_id)
 static void fs_init(void *userdata, struct fuse_conn_info *conn)
 {
     (void)userdata;
+    mounted_at = time(NULL);
     if (conn->capable & FUSE_CAP_ASYNC_READ)
         conn->want |= FUSE_CAP_ASYNC_READ;
     /* Readdirplus saves one lookup per entry for ls -l. */

@@ -1,8 +1,12 @@
 /* fs/write.c — the operations that change the account.
  *
  * New mail.  A file created in a folder lives in memory until it is closed;
- * the first flush (every close() sends one) APPENDs it, so a failed APPEND
- * makes close() fail and nothing partial is stored.  Line ends are made CRLF
+ * the first flush (every close() sends one) after data was written APPENDs
+ * it, so a failed APPEND makes close() fail and nothing partial is stored.
+ * (A flush before any write is a duplicated descriptor closing, as in a
+ * shell's `cmd > file`, and is not the end of the file.)  A file closed
+ * without ever being written is offered to the server at release; servers
+ * refuse empty messages, so an empty file is not stored.  Line ends are made CRLF
  * on the way.  The message then lists as NEWUID.eml.  Its original name stays
  * an alias of the new message for a while, so tools that write a temporary
  * file and then rename it (rsync), or set its times after close (cp -p), keep
@@ -40,6 +44,8 @@ struct newmail {
     size_t len, cap;
     int64_t date;               /* for APPEND; -1 = now */
     enum newmail_state state;
+    int written;                /* a write arrived: a flush before that is a dup'd fd
+                                   closing (a shell's `cmd > file`), not the end */
     int error;                  /* NEWMAIL_FAILED: the errno close() reported */
     uint32_t uid;               /* NEWMAIL_APPENDED: the message it became */
     unsigned opens;
@@ -365,6 +371,7 @@ void fs_write_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size
         if ((size_t)offset > mail->len) /* a hole reads as zeros */
             memset(mail->data + mail->len, 0, (size_t)offset - mail->len);
         memcpy(mail->data + offset, buf, size);
+        mail->written = 1;
         if ((size_t)offset + size > mail->len)
             mail->len = (size_t)offset + size;
     }
@@ -398,8 +405,9 @@ void fs_newmail_flush(fuse_req_t req, fuse_ino_t ino)
 {
     pthread_mutex_lock(&newmail_lock);
     struct newmail *mail = newmail_by_ino(ino);
+    int pending = mail && (mail->written || mail->state != NEWMAIL_WRITING);
     pthread_mutex_unlock(&newmail_lock);
-    int ret = mail ? newmail_commit(account_of(req), mail) : 0;
+    int ret = pending ? newmail_commit(account_of(req), mail) : 0;
     fuse_reply_err(req, -ret);
 }
 

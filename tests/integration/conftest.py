@@ -124,8 +124,10 @@ class Mount:
         with open(self.logfile, "ab") as log:
             log.write(("$ " + " ".join(self.argv) + "\n").encode())
             log.flush()
+            # die_with_parent: if pytest is killed, imapfs gets SIGTERM and unmounts
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=self.env)
+                                         stderr=subprocess.STDOUT, env=self.env,
+                                         preexec_fn=imapserver.die_with_parent)
         _live_mounts.add(self.mountpoint)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -191,6 +193,11 @@ class Mount:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "optional: checks a nice-to-have; may skip when unobservable")
+    # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so fixtures clean up
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def _terminate(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 @pytest.fixture(scope="session")
@@ -205,7 +212,7 @@ def imapfs():
 def server(request):
     # Its own temp dir, not pytest's: as root, Dovecot's unprivileged
     # processes must be able to reach it (pytest's base dir is 0700).
-    srv = imapserver.TestServer()
+    srv = imapserver.TestServer(tied_to_parent=True)
     try:
         srv.start()
         yield srv
@@ -246,7 +253,7 @@ def server_state(server, checker):
 def scratch_server(request):
     """A server of its own for a test that may change the account (or that
     checks that it cannot), so a misbehaving imapfs cannot spoil the shared one."""
-    srv = imapserver.TestServer()
+    srv = imapserver.TestServer(tied_to_parent=True)
     try:
         srv.start()
         yield srv

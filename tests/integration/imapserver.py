@@ -115,6 +115,19 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def die_with_parent():
+    """preexec_fn: have the kernel send SIGTERM to the child when the process
+    that started it dies (even by SIGKILL), so a killed test run leaves no
+    server or mount behind.  Linux only; a no-op where prctl is missing."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
+
+
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -275,7 +288,10 @@ class TestServer:
     """One throwaway Dovecot.  start() / stop(); attributes describe it."""
 
     def __init__(self, directory=None, host="127.0.0.1", capabilities=None,
-                 separator="/", prefix="", fixture_dir=FIXTURE_DIR, seed=True):
+                 separator="/", prefix="", fixture_dir=FIXTURE_DIR, seed=True,
+                 tied_to_parent=False):
+        """tied_to_parent: stop Dovecot when this process dies (for pytest);
+        scripts/test-server start leaves it running, so it does not."""
         self.dir = os.path.abspath(directory) if directory else None
         self.host = host
         self.capabilities = capabilities
@@ -283,6 +299,7 @@ class TestServer:
         self.prefix = prefix
         self.fixture_dir = fixture_dir
         self.do_seed = seed
+        self.tied_to_parent = tied_to_parent
         self.user = USER
         self.password = None
         self.imaps_port = None
@@ -526,7 +543,8 @@ service imap-urlauth-login {{
                 self.proc = subprocess.Popen(
                     [DOVECOT, "-F", "-c", self.config_path],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True)
+                    start_new_session=True, close_fds=True,
+                    preexec_fn=die_with_parent if self.tied_to_parent else None)
             finally:
                 log.close()
             self.pid = self.proc.pid

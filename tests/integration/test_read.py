@@ -3,7 +3,8 @@
 Every expectation is taken from the server through an independent client
 (imaplib, see imapserver.Checker) or from the fixture manifest, never from
 imapfs itself.  The tests of this module share one mount (``mount``) and do
-not change the account; tests that need their own mount use ``mounter``.
+not change the account; tests that need their own mount use ``mounter``, and
+tests that try to write do it on a ``scratch_server`` of their own.
 """
 
 import base64
@@ -23,11 +24,6 @@ from conftest import is_mounted, mount_entry, fusermount_u, snapshot
 
 # --------------------------------------------------------------------------
 # helpers
-
-def selectable(state):
-    return [raw for flags, _, raw, _ in state["folders"]
-            if not flags & {"\\Noselect", "\\NonExistent"}]
-
 
 def folder_parts(raw, delimiter):
     return imapserver.mutf7_decode(raw).split(delimiter)
