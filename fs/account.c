@@ -67,6 +67,15 @@ struct fs_account {
     char *special_trash;            /* the \Trash mailbox from LIST; protected by cache lock */
     char delimiter;                 /* for new top-level folders; protected by cache lock */
     int hide_deleted;               /* no UIDPLUS: see fs_account_hides_deleted */
+    char *namespace_prefix;         /* personal namespace ("INBOX." on Courier-style
+                                       servers), not shown on the mount; "" if none */
+    uint64_t append_limit;          /* APPENDLIMIT=, 0 if none */
+
+    pthread_mutex_t budget_lock;
+    uint64_t max_download;          /* -o max_download per UTC day, 0 = no limit */
+    uint64_t downloaded;            /* bytes today; protected by budget_lock */
+    long download_day;              /* protected by budget_lock */
+    int budget_warned;              /* protected by budget_lock */
 
     pthread_mutex_t quota_lock;
     double quota_at;                /* when last asked; protected by quota_lock */
@@ -127,6 +136,22 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     pthread_mutex_init(&account->quota_lock, NULL);
     pthread_cond_init(&account->readahead_wake, NULL);
     account->hide_deleted = !imap_session_has_capability(first, "UIDPLUS");
+    imap_session_capability_value(first, "APPENDLIMIT", &account->append_limit);
+    account->max_download = options->max_download_bytes;
+    pthread_mutex_init(&account->budget_lock, NULL);
+    char namespace_delimiter = 0;
+    if (imap_namespace_personal(first, &account->namespace_prefix, &namespace_delimiter) < 0 ||
+        !account->namespace_prefix) {
+        free(account->namespace_prefix);
+        account->namespace_prefix = strdup("");
+    }
+    if (!account->namespace_prefix) {
+        fs_account_free(account);
+        return NULL;
+    }
+    if (*account->namespace_prefix)
+        log_info("personal namespace prefix \"%s\" is not shown on the mount",
+                 account->namespace_prefix);
     imap_session_set_unsolicited(first, unsolicited, account);
     account->idle[account->idle_count++] = first;
     account->open_count = 1;
@@ -151,6 +176,7 @@ void fs_account_free(struct fs_account *account)
     fs_notifier_free(account->notifier);
     free(account->trash);
     free(account->special_trash);
+    free(account->namespace_prefix);
     if (account->cache)
         cache_free(account->cache);
     if (account->bodies)
@@ -330,9 +356,15 @@ static void session_release(struct fs_account *account, struct imap_session *ses
 /* Splits a mailbox name at its delimiter, decodes each level from modified
  * UTF-7 and maps it to a safe file name.  NULL (with a log line) for a name
  * that cannot be shown safely. */
-static char **mailbox_components(const struct imap_mailbox *mailbox, size_t *depth)
+static char **mailbox_components(const struct imap_mailbox *mailbox, const char *prefix,
+                                 size_t *depth)
 {
-    char *decoded = imap_utf7_decode(mailbox->name);
+    /* "INBOX.Sent" under a personal namespace "INBOX." shows as Sent */
+    size_t prefix_len = strlen(prefix);
+    const char *shown = mailbox->name;
+    if (prefix_len && strncmp(shown, prefix, prefix_len) == 0 && shown[prefix_len])
+        shown += prefix_len;
+    char *decoded = imap_utf7_decode(shown);
     char **components = NULL;
     size_t count = 0;
 
@@ -452,7 +484,7 @@ int fs_account_load_folders(struct fs_account *account)
     }
     for (size_t i = 0; i < count; i++) {
         size_t depth;
-        char **components = mailbox_components(&mailboxes[i], &depth);
+        char **components = mailbox_components(&mailboxes[i], account->namespace_prefix, &depth);
         if (!components)
             continue;
         paths[used] = components;
@@ -864,6 +896,40 @@ static void inflight_clear(struct fs_account *account, uint32_t folder_id, uint3
     }
 }
 
+/* -o max_download: a daily budget for message bytes, for providers that
+ * lock an account that downloads too much.  Over it, fetches fail with
+ * EDQUOT and one log line says why; cached mail is still served. */
+static int budget_check(struct fs_account *account)
+{
+    if (!account->max_download)
+        return 0;
+    pthread_mutex_lock(&account->budget_lock);
+    long today = (long)(time(NULL) / 86400);
+    if (today != account->download_day) {
+        account->download_day = today;
+        account->downloaded = 0;
+        account->budget_warned = 0;
+    }
+    int over = account->downloaded >= account->max_download;
+    if (over && !account->budget_warned) {
+        log_error("the daily download budget (-o max_download=%llu bytes) is used up; "
+                  "messages not yet cached cannot be read until 00:00 UTC",
+                  (unsigned long long)account->max_download);
+        account->budget_warned = 1;
+    }
+    pthread_mutex_unlock(&account->budget_lock);
+    return over ? -EDQUOT : 0;
+}
+
+static void budget_spend(struct fs_account *account, size_t bytes)
+{
+    if (!account->max_download)
+        return;
+    pthread_mutex_lock(&account->budget_lock);
+    account->downloaded += bytes;
+    pthread_mutex_unlock(&account->budget_lock);
+}
+
 struct body_batch {
     struct fs_account *account;
     uint32_t folder_id, uidvalidity, wanted_uid;   /* wanted_uid 0: a prefetch */
@@ -878,6 +944,7 @@ static int store_body(void *context, uint32_t uid, char *body, size_t len)
     struct body_batch *batch = context;
     struct fs_account *account = batch->account;
 
+    budget_spend(account, len);
     /* The size the listing promised must be the size reads deliver. */
     cache_lock(account->cache);
     struct cache_folder *folder = cache_folder_by_id(account->cache, batch->folder_id);
@@ -979,9 +1046,9 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t f
 static int fetch_batch(struct fs_account *account, struct body_batch *batch, const char *mailbox,
                        const uint32_t *uids, size_t count)
 {
-    int ret = 0;
+    int ret = budget_check(account);
 
-    for (int attempt = 0; attempt < 2 && count; attempt++) {
+    for (int attempt = 0; ret == 0 && attempt < 2 && count; attempt++) {
         struct imap_session *session;
         ret = session_acquire(account, mailbox, &session);
         if (ret == 0) {
@@ -1182,7 +1249,7 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
     }
     *out = batch.wanted;
     free(mailbox);
-    if (ret < 0 && ret != -ENOENT && ret != -ENOMEM)
+    if (ret < 0 && ret != -ENOENT && ret != -ENOMEM && ret != -EDQUOT)
         ret = -EIO;
     return ret;
 }
@@ -1199,6 +1266,11 @@ void fs_account_body_release(struct fs_account *account, struct cache_body *body
  * When the connection drops in the middle, the command is not blindly sent
  * again: a fresh connection looks at the server to learn whether it
  * happened, and the caller gets the answer that matches. */
+
+uint64_t fs_account_append_limit(const struct fs_account *account)
+{
+    return account->append_limit;
+}
 
 int fs_account_hides_deleted(const struct fs_account *account)
 {
@@ -1615,6 +1687,18 @@ int fs_account_store_flags(struct fs_account *account, uint32_t folder_id, uint3
     return ret;
 }
 
+/* parent's server name + delimiter + child; at the root, the namespace
+ * prefix (which ends in its delimiter) + child.  Caller frees. */
+static char *join_mailbox(struct fs_account *account, const struct cache_folder *parent,
+                          const char *parent_name, const char *child)
+{
+    char *name = NULL;
+    char delimiter = parent->delimiter ? parent->delimiter : account->delimiter;
+    if (!parent->parent)
+        return asprintf(&name, "%s%s", parent_name, child) < 0 ? NULL : name;
+    return asprintf(&name, "%s%c%s", parent_name, delimiter, child) < 0 ? NULL : name;
+}
+
 /* The server name of a folder, also for a parent the server did not list
  * (built from its path).  Caller holds the cache lock; caller frees. */
 static char *mailbox_of(struct fs_account *account, const struct cache_folder *folder)
@@ -1622,15 +1706,11 @@ static char *mailbox_of(struct fs_account *account, const struct cache_folder *f
     if (folder->mailbox)
         return strdup(folder->mailbox);
     if (!folder->parent)
-        return strdup("");
+        return strdup(account->namespace_prefix);
     char *parent = mailbox_of(account, folder->parent);
     char *component = fs_name_to_component(folder->name);
     char *encoded = component ? imap_utf7_encode(component) : NULL;
-    char *name = NULL;
-    if (parent && encoded &&
-        asprintf(&name, "%s%s%s", parent, *parent ? (char[]){ account->delimiter, 0 } : "",
-                 encoded) < 0)
-        name = NULL;
+    char *name = parent && encoded ? join_mailbox(account, folder->parent, parent, encoded) : NULL;
     free(parent);
     free(component);
     free(encoded);
@@ -1660,12 +1740,13 @@ static int child_mailbox(struct fs_account *account, uint32_t parent_id, const c
     else if (strchr(component, delimiter))
         ret = -EINVAL;
     else {
+        cache_lock(account->cache);
+        parent = cache_folder_by_id(account->cache, parent_id);
         char *encoded = imap_utf7_encode(component);
-        if (!encoded ||
-            asprintf(out, "%s%s%s", prefix, *prefix ? (char[]){ delimiter, 0 } : "", encoded) < 0) {
-            *out = NULL;
-            ret = -ENOMEM;
-        }
+        *out = parent && encoded ? join_mailbox(account, parent, prefix, encoded) : NULL;
+        cache_unlock(account->cache);
+        if (!*out)
+            ret = parent ? -ENOMEM : -ENOENT;
         free(encoded);
     }
     free(prefix);

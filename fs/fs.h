@@ -28,6 +28,7 @@ struct fs_options {
     char *cache_size;           /* body cache limit, "256M" style */
     unsigned timeout;           /* seconds for any one network wait */
     char *trash;                /* rm moves here: a folder path, or "auto" for \Trash */
+    char *max_download;         /* bytes of mail fetched per UTC day, "2G" style */
     int readonly;               /* -o ro */
     int foreground;             /* -f */
     int debug;                  /* -d */
@@ -40,6 +41,7 @@ struct fs_options {
     unsigned port;
     enum imap_tls_mode tls_mode;
     uint64_t cache_bytes;
+    uint64_t max_download_bytes; /* 0: no limit */
 };
 
 /* Parses argv into options; FUSE's own options stay in args.  Returns 0, or
@@ -80,6 +82,8 @@ const struct imap_config *fs_account_config(const struct fs_account *account);
 /* Nonzero when the server lacks UIDPLUS: rm can only flag \Deleted, and the
  * mount hides \Deleted messages so rm still looks like rm. */
 int fs_account_hides_deleted(const struct fs_account *account);
+/* The server's APPENDLIMIT in bytes, 0 if it set none. */
+uint64_t fs_account_append_limit(const struct fs_account *account);
 
 /* --- changes; each leaves the account as asked or as it was --- */
 

@@ -31,6 +31,7 @@ static const struct fuse_opt option_specs[] = {
     OPTION("cache_size=%s", cache_size, 0),
     OPTION("timeout=%u", timeout, 0),
     OPTION("trash=%s", trash, 0),
+    OPTION("max_download=%s", max_download, 0),
     FUSE_OPT_KEY("-h", KEY_HELP),
     FUSE_OPT_KEY("--help", KEY_HELP),
     FUSE_OPT_KEY("-V", KEY_VERSION),
@@ -116,6 +117,8 @@ void fs_options_usage(const char *progname)
            "    -o cache_size=SIZE         memory for message bodies, e.g. 256M (default 256M)\n"
            "    -o timeout=SECS            network timeout (default 30)\n"
            "    -o trash=FOLDER|auto       rm moves messages to FOLDER (auto: the \\Trash folder)\n"
+           "    -o max_download=SIZE       stop fetching mail after SIZE a day (UTC), e.g. 2G;\n"
+           "                               for providers that lock accounts over a budget\n"
            "    -o ro                      read-only mount\n"
            "    -o allow_other             let other users in (needs user_allow_other in /etc/fuse.conf)\n"
            "    FUSE options (-o ...) are passed on; _netdev, nofail, noauto, user, x-systemd.* are ignored.\n",
@@ -278,6 +281,12 @@ int fs_options_parse(struct fuse_args *args, struct fs_options *options)
         fprintf(stderr, "imapfs: bad -o cache_size '%s' (try 256M)\n", options->cache_size);
         return -1;
     }
+    if (options->max_download &&
+        (parse_size(options->max_download, &options->max_download_bytes) < 0 ||
+         options->max_download_bytes == 0)) {
+        fprintf(stderr, "imapfs: bad -o max_download '%s' (try 2G)\n", options->max_download);
+        return -1;
+    }
     return 0;
 }
 
@@ -292,6 +301,7 @@ void fs_options_free(struct fs_options *options)
     free(options->tls);
     free(options->cache_size);
     free(options->trash);
+    free(options->max_download);
     free(options->user);
     free(options->host);
 }

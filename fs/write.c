@@ -355,6 +355,9 @@ void fs_write_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size
     else if (offset < 0 || (size_t)offset > MAX_NEW_MESSAGE ||
              size > MAX_NEW_MESSAGE - (size_t)offset)
         err = EFBIG;
+    else if (fs_account_append_limit(account_of(req)) &&
+             (uint64_t)offset + size > fs_account_append_limit(account_of(req)))
+        err = EFBIG; /* the server's APPENDLIMIT: refuse before uploading anything */
     else if ((size_t)offset + size > mail->cap) {
         size_t cap = mail->cap ? mail->cap : 65536;
         while (cap < (size_t)offset + size)

@@ -44,6 +44,15 @@ int imap_session_broken(const struct imap_session *session);
 /* Nonzero if the server advertised the capability (case-insensitive). */
 int imap_session_has_capability(const struct imap_session *session, const char *name);
 
+/* The number after "NAME=" in the capability list (APPENDLIMIT=35651584),
+ * 0 and *value set, or -ENOENT. */
+int imap_session_capability_value(const struct imap_session *session, const char *name,
+                                  uint64_t *value);
+
+/* The personal namespace (RFC 2342): its prefix ("" or "INBOX.") and
+ * delimiter.  *prefix is malloc'd; "" without NAMESPACE. */
+int imap_namespace_personal(struct imap_session *session, char **prefix, char *delimiter);
+
 /* Unsolicited data (EXISTS, EXPUNGE, FETCH, VANISHED ...) that arrives while
  * a command runs and is not that command's own answer. */
 typedef void imap_unsolicited_fn(void *context, struct imap_session *session,

@@ -680,6 +680,31 @@ int imap_session_has_capability(const struct imap_session *session, const char *
     return strstr(session->capabilities, needle) != NULL;
 }
 
+int imap_session_capability_value(const struct imap_session *session, const char *name,
+                                  uint64_t *value)
+{
+    char needle[64];
+    size_t n = strlen(name);
+
+    if (!session->capabilities || n + 3 > sizeof(needle))
+        return -ENOENT;
+    needle[0] = ' ';
+    for (size_t i = 0; i < n; i++)
+        needle[i + 1] = (char)toupper((unsigned char)name[i]);
+    needle[n + 1] = '=';
+    needle[n + 2] = '\0';
+    const char *found = strstr(session->capabilities, needle);
+    if (!found || !isdigit((unsigned char)found[n + 2]))
+        return -ENOENT;
+    errno = 0;
+    char *end;
+    unsigned long long number = strtoull(found + n + 2, &end, 10);
+    if (errno || *end != ' ')
+        return -ENOENT;
+    *value = number;
+    return 0;
+}
+
 void imap_session_set_unsolicited(struct imap_session *session, imap_unsolicited_fn *fn,
                                   void *context)
 {
@@ -1537,4 +1562,50 @@ int imap_quota_storage(struct imap_session *session, const char *mailbox, uint64
     *used_kib = quota.used;
     *limit_kib = quota.limit;
     return 0;
+}
+
+/* ---------------------------------------------------------------- NAMESPACE */
+
+struct namespace_context {
+    char *prefix;
+    char delimiter;
+};
+
+static int namespace_handler(void *context, struct imap_response *response)
+{
+    struct namespace_context *ns = context;
+
+    if (response->status != IMAP_STATUS_NONE || response->count != 4 ||
+        !imap_value_is_atom(&response->items[0], "NAMESPACE"))
+        return 0;
+    /* * NAMESPACE (("INBOX." ".")) NIL NIL: the first personal one */
+    const struct imap_value *personal = &response->items[1];
+    if (personal->kind == IMAP_VALUE_LIST && personal->count >= 1 &&
+        personal->items[0].kind == IMAP_VALUE_LIST && personal->items[0].count >= 2) {
+        const struct imap_value *prefix = &personal->items[0].items[0];
+        const struct imap_value *delim = &personal->items[0].items[1];
+        if (prefix->kind == IMAP_VALUE_STRING && strlen(prefix->str) == prefix->len) {
+            free(ns->prefix);
+            ns->prefix = strdup(prefix->str);
+        }
+        if (delim->kind == IMAP_VALUE_STRING && delim->len == 1)
+            ns->delimiter = delim->str[0];
+    }
+    return 1;
+}
+
+int imap_namespace_personal(struct imap_session *session, char **prefix, char *delimiter)
+{
+    struct namespace_context ns = { NULL, 0 };
+    int ret = 0;
+
+    if (imap_session_has_capability(session, "NAMESPACE"))
+        ret = simple_command_with(session, "NAMESPACE", namespace_handler, &ns);
+    if (ret < 0) {
+        free(ns.prefix);
+        return ret;
+    }
+    *prefix = ns.prefix ? ns.prefix : strdup("");
+    *delimiter = ns.delimiter;
+    return *prefix ? 0 : -ENOMEM;
 }
