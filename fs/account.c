@@ -63,6 +63,7 @@ struct fs_account {
     double offline_since;           /* first failed connect of a streak, 0 when online */
 
     struct fs_notifier *notifier;
+    struct fs_searches *searches;   /* FOLDER/.search/ queries */
     char *trash;                    /* -o trash: a mount path, "auto", or NULL */
     char *special_trash;            /* the \Trash mailbox from LIST; protected by cache lock */
     char delimiter;                 /* for new top-level folders; protected by cache lock */
@@ -121,9 +122,11 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     account->bodies = cache_bodies_new(options->cache_bytes);
     account->idle = calloc(options->connections, sizeof(*account->idle));
     account->notifier = fs_notifier_new();
+    account->searches = fs_searches_new();
     account->trash = options->trash ? strdup(options->trash) : NULL;
     account->delimiter = '/';
     if (!account->cache || !account->bodies || !account->idle || !account->notifier ||
+        !account->searches ||
         (options->trash && !account->trash)) {
         fs_account_free(account);
         return NULL;
@@ -174,6 +177,7 @@ void fs_account_free(struct fs_account *account)
         imap_session_close(account->idle[i]);
     free(account->idle);
     fs_notifier_free(account->notifier);
+    fs_searches_free(account->searches);
     free(account->trash);
     free(account->special_trash);
     free(account->namespace_prefix);
@@ -203,6 +207,7 @@ int fs_account_start(struct fs_account *account)
 struct cache *fs_account_cache(struct fs_account *account) { return account->cache; }
 double fs_account_dir_timeout(const struct fs_account *account) { return account->dir_cache_timeout; }
 struct fs_notifier *fs_account_notifier(struct fs_account *account) { return account->notifier; }
+struct fs_searches *fs_account_searches(struct fs_account *account) { return account->searches; }
 const struct imap_config *fs_account_config(const struct fs_account *account) { return &account->config; }
 
 /* ---------------------------------------------------------------- the pool */
@@ -1910,4 +1915,35 @@ int fs_account_quota(struct fs_account *account, uint64_t *used, uint64_t *limit
     *limit = account->quota_limit;
     pthread_mutex_unlock(&account->quota_lock);
     return known ? 0 : -ENOTSUP;
+}
+
+/* ---------------------------------------------------------------- search */
+
+int fs_account_search(struct fs_account *account, uint32_t folder_id, const char *criteria,
+                      uint32_t **uids, size_t *count)
+{
+    struct imap_session *session;
+    char *mailbox = folder_mailbox(account, folder_id);
+    int ret;
+
+    *uids = NULL;
+    *count = 0;
+    if (!mailbox)
+        return -ENOENT;
+    for (int attempt = 0; attempt < 2; attempt++) { /* searching is idempotent */
+        ret = session_acquire(account, mailbox, &session);
+        if (ret < 0)
+            break;
+        ret = imap_select(session, mailbox, 1, NULL);
+        if (ret == 0)
+            ret = imap_uid_search(session, criteria, uids, count);
+        if (ret == -EINVAL)
+            log_warn("search \"%s\" in %s refused: %s", criteria, mailbox,
+                     imap_session_last_error(session));
+        session_release(account, session);
+        if (ret != -EIO)
+            break;
+    }
+    free(mailbox);
+    return ret;
 }

@@ -102,6 +102,11 @@ int fs_account_store_flags(struct fs_account *account, uint32_t folder_id, uint3
 /* The account's storage quota in bytes (asked at most once a minute);
  * -ENOTSUP when the server has none. */
 int fs_account_quota(struct fs_account *account, uint64_t *used, uint64_t *limit);
+/* UID SEARCH in a folder with the user's criteria; *uids malloc'd, sorted.
+ * -EINVAL for criteria the server rejects (logged with its answer). */
+int fs_account_search(struct fs_account *account, uint32_t folder_id, const char *criteria,
+                      uint32_t **uids, size_t *count);
+struct fs_searches *fs_account_searches(struct fs_account *account);
 int fs_account_create_folder(struct fs_account *account, uint32_t parent_id, const char *name);
 int fs_account_delete_folder(struct fs_account *account, uint32_t parent_id, const char *name);
 int fs_account_rename_folder(struct fs_account *account, uint32_t parent_id, const char *name,
@@ -146,6 +151,41 @@ static inline fuse_ino_t fs_ino_message(uint32_t folder_id, uint32_t uid)
 }
 
 extern const struct fuse_lowlevel_ops fs_operations;
+
+/* One directory listing reply being filled (readdir and readdirplus). */
+struct fs_listing {
+    fuse_req_t req;
+    char *buf;
+    size_t size, used;
+    int plus;               /* readdirplus: entries carry attributes */
+    double timeout;
+};
+/* Adds one entry; 0 when the reply buffer is full. */
+int fs_listing_add(struct fs_listing *listing, const char *name, const struct stat *st,
+                   off_t next_offset);
+
+/* fs/search.c: FOLDER/.search/CRITERIA/ directories.  Their inodes carry
+ * FS_INO_SEARCH (the .search directory and one per query) or FS_INO_RESULT
+ * (a result symlink). */
+#define FS_INO_SEARCH ((fuse_ino_t)1 << 62)
+#define FS_INO_RESULT ((fuse_ino_t)1 << 61)
+static inline int fs_is_search_ino(fuse_ino_t ino)
+{
+    return ino != FUSE_ROOT_ID && (ino & (FS_INO_SEARCH | FS_INO_RESULT)) != 0 &&
+           !(ino & ((fuse_ino_t)1 << 63));
+}
+struct fs_searches;
+struct fs_searches *fs_searches_new(void);
+void fs_searches_free(struct fs_searches *searches);
+/* lookup of name in parent when parent is a folder (name ".search") or a
+ * search inode: 0 and *entry, a negative errno, or 1 when not ours. */
+int fs_search_lookup(struct fs_account *account, fuse_ino_t parent, const char *name,
+                     struct fuse_entry_param *entry);
+int fs_search_getattr(struct fs_account *account, fuse_ino_t ino, struct stat *st);
+int fs_search_opendir(struct fs_account *account, fuse_ino_t ino);
+int fs_search_readdir(struct fs_account *account, fuse_ino_t ino, struct fs_listing *listing,
+                      off_t offset);
+int fs_search_readlink(struct fs_account *account, fuse_ino_t ino, char *buf, size_t size);
 
 /* fs/write.c: the operations that change the account, and files being
  * written (new mail, inode numbers with the top bit set). */

@@ -108,6 +108,16 @@ static void fs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     uint32_t folder_id = ino_folder_id(parent), uid;
     double timeout = fs_account_dir_timeout(account);
 
+    if (fs_is_search_ino(parent) || strcmp(name, ".search") == 0) {
+        int ret = fs_search_lookup(account, parent, name, &entry);
+        if (ret <= 0) {
+            if (ret < 0)
+                fuse_reply_err(req, -ret);
+            else
+                fuse_reply_entry(req, &entry);
+            return;
+        }
+    }
     if (ino_uid(parent) != 0) {
         fuse_reply_err(req, ENOTDIR);
         return;
@@ -167,8 +177,9 @@ static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     struct stat st;
 
     (void)fi;
-    if (fs_is_newmail_ino(ino)) {
-        int ret = fs_newmail_getattr(ino, &st);
+    if (fs_is_newmail_ino(ino) || fs_is_search_ino(ino)) {
+        int ret = fs_is_newmail_ino(ino) ? fs_newmail_getattr(ino, &st)
+                                         : fs_search_getattr(account, ino, &st);
         if (ret < 0)
             fuse_reply_err(req, -ret);
         else
@@ -204,6 +215,14 @@ static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     struct fs_account *account = account_of(req);
     uint32_t folder_id = ino_folder_id(ino);
 
+    if (fs_is_search_ino(ino)) {
+        int ret = fs_search_opendir(account, ino);
+        if (ret < 0)
+            fuse_reply_err(req, -ret);
+        else
+            fuse_reply_open(req, fi);
+        return;
+    }
     if (ino_uid(ino) != 0) {
         fuse_reply_err(req, ENOTDIR);
         return;
@@ -223,18 +242,9 @@ static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
  * listing in progress correct when messages come and go. */
 #define MESSAGE_OFFSET ((off_t)1 << 33)
 
-/* One directory listing reply being filled. */
-struct listing {
-    fuse_req_t req;
-    char *buf;
-    size_t size, used;
-    int plus;
-    double timeout;
-};
-
 /* Adds one entry; 0 when the reply buffer is full. */
-static int add_entry(struct listing *listing, const char *name, const struct stat *st,
-                     off_t next_offset)
+int fs_listing_add(struct fs_listing *listing, const char *name, const struct stat *st,
+                   off_t next_offset)
 {
     size_t room = listing->size - listing->used, entry_size;
 
@@ -259,12 +269,21 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
     struct fs_account *account = account_of(req);
     struct cache *cache = fs_account_cache(account);
     uint32_t folder_id = ino_folder_id(ino);
-    struct listing listing = { req, malloc(size), size, 0, plus, fs_account_dir_timeout(account) };
+    struct fs_listing listing = { req, malloc(size), size, 0, plus, fs_account_dir_timeout(account) };
     char name[32];
     struct stat st;
 
     if (!listing.buf) {
         fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    if (fs_is_search_ino(ino)) {
+        int ret = fs_search_readdir(account, ino, &listing, offset);
+        if (ret < 0)
+            fuse_reply_err(req, -ret);
+        else
+            fuse_reply_buf(req, listing.buf, listing.used);
+        free(listing.buf);
         return;
     }
     cache_lock(cache);
@@ -277,14 +296,14 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
     }
     if (offset < 1) {
         folder_attr(folder, &st);
-        if (!add_entry(&listing, ".", &st, 1))
+        if (!fs_listing_add(&listing, ".", &st, 1))
             goto full;
         offset = 1;
     }
     if (offset < 2) {
         /* ".." of the root lies outside the mount; the kernel resolves it */
         folder_attr(folder->parent ? folder->parent : folder, &st);
-        if (!add_entry(&listing, "..", &st, 2))
+        if (!fs_listing_add(&listing, "..", &st, 2))
             goto full;
         offset = 2;
     }
@@ -294,7 +313,7 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
             if (3 + index <= offset)
                 continue;
             folder_attr(child, &st);
-            if (!add_entry(&listing, child->name, &st, 3 + index))
+            if (!fs_listing_add(&listing, child->name, &st, 3 + index))
                 goto full;
         }
         offset = MESSAGE_OFFSET;
@@ -314,7 +333,7 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
             continue;
         fs_name_from_uid(message->uid, name, sizeof(name));
         message_attr(folder_id, message, &st);
-        if (!add_entry(&listing, name, &st, MESSAGE_OFFSET + message->uid))
+        if (!fs_listing_add(&listing, name, &st, MESSAGE_OFFSET + message->uid))
             goto full;
     }
 full:
@@ -354,8 +373,8 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         fuse_reply_open(req, fi);
         return;
     }
-    if (!uid) {
-        fuse_reply_err(req, EISDIR);
+    if (!uid || fs_is_search_ino(ino)) {
+        fuse_reply_err(req, fs_is_search_ino(ino) && (ino & FS_INO_RESULT) ? ELOOP : EISDIR);
         return;
     }
     if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
@@ -475,13 +494,23 @@ static void reply_xattr_value(fuse_req_t req, const char *value, size_t size)
         fuse_reply_buf(req, value, len);
 }
 
+static void fs_readlink(fuse_req_t req, fuse_ino_t ino)
+{
+    char target[64];
+    int ret = fs_search_readlink(account_of(req), ino, target, sizeof(target));
+    if (ret < 0)
+        fuse_reply_err(req, -ret);
+    else
+        fuse_reply_readlink(req, target);
+}
+
 static void fs_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     struct cache *cache = fs_account_cache(account_of(req));
     uint32_t folder_id = ino_folder_id(ino), uid = ino_uid(ino);
     char number[24], *value = NULL;
 
-    if (!uid) {
+    if (!uid || fs_is_search_ino(ino) || fs_is_newmail_ino(ino)) {
         fuse_reply_err(req, ENODATA);
         return;
     }
@@ -519,7 +548,7 @@ static void fs_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
     static const char names[] = XATTR_FLAGS "\0" XATTR_UID "\0" XATTR_UIDVALIDITY "\0";
 
-    if (!ino_uid(ino)) {
+    if (!ino_uid(ino) || fs_is_search_ino(ino) || fs_is_newmail_ino(ino)) {
         fuse_reply_xattr(req, 0);
         return;
     }
@@ -538,6 +567,7 @@ const struct fuse_lowlevel_ops fs_operations = {
     .opendir = fs_opendir,
     .readdir = fs_readdir,
     .readdirplus = fs_readdirplus,
+    .readlink = fs_readlink,
     .open = fs_open,
     .read = fs_read,
     .release = fs_release,

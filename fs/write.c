@@ -287,7 +287,7 @@ void fs_write_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
     uint32_t folder_id = folder_of(parent), uid;
     struct fuse_entry_param entry;
 
-    if (!S_ISREG(mode)) {
+    if (!S_ISREG(mode) || fs_is_search_ino(parent)) {
         fuse_reply_err(req, EPERM);
         return;
     }
@@ -448,6 +448,10 @@ void fs_write_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_
     struct stat st;
 
     (void)fi;
+    if (fs_is_search_ino(ino)) {
+        fuse_reply_err(req, EPERM);
+        return;
+    }
     if ((to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) &&
         (((to_set & FUSE_SET_ATTR_UID) && attr->st_uid != getuid()) ||
          ((to_set & FUSE_SET_ATTR_GID) && attr->st_gid != getgid()))) {
@@ -513,6 +517,10 @@ void fs_write_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
     struct fs_account *account = account_of(req);
     uint32_t folder_id = folder_of(parent), uid;
 
+    if (fs_is_search_ino(parent)) {
+        fuse_reply_err(req, EPERM); /* search results are views, not mail */
+        return;
+    }
     /* A name that only is an alias of new mail: forget the alias, keep the mail. */
     pthread_mutex_lock(&newmail_lock);
     struct newmail *mail = newmail_by_name(folder_id, name);
@@ -546,6 +554,10 @@ void fs_write_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_i
 
     if (flags & RENAME_EXCHANGE) {
         fuse_reply_err(req, EINVAL);
+        return;
+    }
+    if (fs_is_search_ino(parent) || fs_is_search_ino(newparent)) {
+        fuse_reply_err(req, EPERM);
         return;
     }
     /* A directory: RENAME the mailbox. */
@@ -631,6 +643,10 @@ void fs_write_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t 
     struct fuse_entry_param entry;
 
     (void)mode;
+    if (fs_is_search_ino(parent)) {
+        fuse_reply_err(req, EPERM);
+        return;
+    }
     int ret = fs_account_create_folder(account, folder_of(parent), name);
     if (ret < 0) {
         fuse_reply_err(req, -ret);
@@ -660,6 +676,10 @@ void fs_write_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t 
 
 void fs_write_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
+    if (fs_is_search_ino(parent)) {
+        fuse_reply_err(req, EPERM);
+        return;
+    }
     int ret = fs_account_delete_folder(account_of(req), folder_of(parent), name);
     fuse_reply_err(req, -ret);
 }
@@ -709,7 +729,7 @@ void fs_write_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const c
     uint32_t uid = uid_of(ino);
 
     (void)flags;
-    if (fs_is_newmail_ino(ino) || uid == 0) {
+    if (fs_is_newmail_ino(ino) || fs_is_search_ino(ino) || uid == 0) {
         fuse_reply_err(req, ENOTSUP);
         return;
     }
@@ -735,7 +755,8 @@ void fs_write_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const c
 
 void fs_write_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
 {
-    if (uid_of(ino) && !fs_is_newmail_ino(ino) && strcmp(name, "user.imap.flags") == 0) {
+    if (uid_of(ino) && !fs_is_newmail_ino(ino) && !fs_is_search_ino(ino) &&
+        strcmp(name, "user.imap.flags") == 0) {
         int ret = fs_account_store_flags(account_of(req), folder_of(ino), uid_of(ino), "");
         fuse_reply_err(req, -ret);
         return;

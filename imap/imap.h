@@ -120,6 +120,14 @@ int imap_fetch_flags(struct imap_session *session, uint32_t first, uint32_t last
  * ESEARCH form where offered).  *uids is malloc'd; caller frees. */
 int imap_search_all(struct imap_session *session, uint32_t **uids, size_t *count);
 
+/* UID SEARCH of the selected mailbox with user-given criteria in UTF-8
+ * ("FROM carl SUBJECT notmuch").  Words with 8-bit bytes are sent as
+ * literals with CHARSET UTF-8; "gmail:..." goes to X-GM-RAW where the server
+ * offers X-GM-EXT-1.  -EINVAL when the server rejects the criteria (its text
+ * is in imap_session_last_error); criteria with CR, LF or NUL are refused. */
+int imap_uid_search(struct imap_session *session, const char *criteria, uint32_t **uids,
+                    size_t *count);
+
 /* Parses a sequence set of UIDs ("1:5,7,9:12") into a sorted malloc'd array.
  * -EPROTO for anything else (including "*"); at most max_count UIDs. */
 int imap_parse_uid_set(const char *set, size_t max_count, uint32_t **uids, size_t *count);

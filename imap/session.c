@@ -1609,3 +1609,105 @@ int imap_namespace_personal(struct imap_session *session, char **prefix, char *d
     *delimiter = ns.delimiter;
     return *prefix ? 0 : -ENOMEM;
 }
+
+/* ---------------------------------------------------------------- SEARCH */
+
+/* Appends the user's criteria: ASCII words as they are (they are IMAP
+ * search syntax), words with 8-bit bytes as literals, "quoted strings" kept
+ * whole (as literals when they hold 8-bit bytes). */
+static int add_criteria(struct imap_session *session, struct command *cmd, const char *criteria)
+{
+    const char *cursor = criteria;
+
+    while (*cursor) {
+        if (*cursor == ' ') {
+            command_add(cmd, " ", 1);
+            cursor++;
+            continue;
+        }
+        const char *start = cursor, *end;
+        int quoted = *cursor == '"', eight_bit = 0;
+        if (quoted) {
+            end = cursor + 1;
+            while (*end && *end != '"') {
+                if (*end == '\\' && end[1])
+                    end++;
+                end++;
+            }
+            if (*end != '"')
+                return -EINVAL;
+            end++;
+        } else {
+            end = cursor + strcspn(cursor, " ");
+        }
+        for (const char *c = start; c < end; c++)
+            if ((unsigned char)*c >= 0x80)
+                eight_bit = 1;
+        if (!eight_bit) {
+            command_add(cmd, start, (size_t)(end - start));
+        } else {
+            /* the word itself, unquoted and unescaped, as a literal */
+            char *word = quoted ? strndup(start + 1, (size_t)(end - start - 2))
+                                : strndup(start, (size_t)(end - start));
+            if (!word)
+                return -ENOMEM;
+            if (quoted) {
+                char *w = word;
+                for (char *r = word; *r; r++) {
+                    if (*r == '\\' && r[1])
+                        r++;
+                    *w++ = *r;
+                }
+                *w = '\0';
+            }
+            /* force a literal: command_add_string would quote plain ASCII */
+            int plus = imap_session_has_capability(session, "LITERAL+");
+            command_addf(cmd, plus ? "{%zu+}\r\n" : "{%zu}\r\n", strlen(word));
+            if (!plus) {
+                if (cmd->nwaits == (int)(sizeof(cmd->waits) / sizeof(cmd->waits[0]))) {
+                    free(word);
+                    return -E2BIG;
+                }
+                cmd->waits[cmd->nwaits++] = cmd->len;
+            }
+            command_add(cmd, word, strlen(word));
+            free(word);
+        }
+        cursor = end;
+    }
+    return 0;
+}
+
+int imap_uid_search(struct imap_session *session, const char *criteria, uint32_t **uids,
+                    size_t *count)
+{
+    struct command cmd = { .redact_from = -1 };
+    struct search_context search = { 0 };
+    int ret = 0;
+
+    *uids = NULL;
+    *count = 0;
+    if (strpbrk(criteria, "\r\n") || !*criteria)
+        return -EINVAL;
+    command_add(&cmd, "UID SEARCH ", 11);
+    if (imap_session_has_capability(session, "ESEARCH"))
+        command_add(&cmd, "RETURN (ALL) ", 13);
+    if (strncmp(criteria, "gmail:", 6) == 0 && imap_session_has_capability(session, "X-GM-EXT-1")) {
+        command_add(&cmd, "X-GM-RAW ", 9);
+        command_add_string(session, &cmd, criteria + 6, strlen(criteria + 6));
+    } else {
+        command_add(&cmd, "CHARSET UTF-8 ", 14);
+        ret = add_criteria(session, &cmd, criteria);
+    }
+    if (ret == 0)
+        ret = run_command(session, &cmd, search_handler, &search, NULL);
+    free(cmd.buf);
+    if (ret < 0) {
+        free(search.uids);
+        return ret == -EIO && !session->broken ? -EINVAL : ret;
+    }
+    qsort(search.uids, search.count, sizeof(*search.uids), compare_u32);
+    *uids = search.uids;
+    *count = search.count;
+    return 0;
+}
