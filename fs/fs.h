@@ -29,6 +29,10 @@ struct fs_options {
     unsigned timeout;           /* seconds for any one network wait */
     char *trash;                /* rm moves here: a folder path, or "auto" for \Trash */
     char *max_download;         /* bytes of mail fetched per UTC day, "2G" style */
+    char *config;               /* -o config=PATH: the accounts file to read */
+    char *account;              /* ACCOUNT given instead of a URL: a [section] of
+                                 * the config file, whose url and options apply
+                                 * under the command line's (fs/options.c) */
     int readonly;               /* -o ro */
     int foreground;             /* -f */
     int debug;                  /* -d */

@@ -21,12 +21,6 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Per open message file: the body, fetched at the first read. */
-struct open_message {
-    pthread_mutex_t lock;
-    struct cache_body *body;    /* protected by lock; referenced */
-};
-
 static struct fs_account *account_of(fuse_req_t req)
 {
     return fuse_req_userdata(req);
@@ -383,48 +377,45 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     }
     cache_lock(cache);
     struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
-    int exists = visible_message(account, folder, uid) != NULL;
+    struct cache_message *message = visible_message(account, folder, uid);
+    uint64_t listed_size = message ? message->size : 0;
     cache_unlock(cache);
-    if (!exists) {
+    if (!message) {
         fuse_reply_err(req, ENOENT);
         return;
     }
-    struct open_message *open_message = calloc(1, sizeof(*open_message));
-    if (!open_message) {
-        fuse_reply_err(req, ENOMEM);
+    /* An open message file's fh is its body, referenced until release, so
+     * the body cache never evicts what a reader is reading.
+     * The body is fetched here, not at the first read: if the server's
+     * RFC822.SIZE was wrong, the kernel would otherwise cut reads at the
+     * wrong size.  Then this open bypasses the page cache (direct_io), so
+     * reads go by the real length, and the attributes are corrected. */
+    struct cache_body *body;
+    int ret = fs_account_body(account, folder_id, uid, &body);
+    if (ret < 0) {
+        fuse_reply_err(req, -ret);
         return;
     }
-    pthread_mutex_init(&open_message->lock, NULL);
-    fi->fh = (uintptr_t)open_message;
-    fi->keep_cache = 1; /* immutable: the page cache stays valid */
-    fi->noflush = 1; /* nothing to flush on a message: spare the round trip */
-    if (fuse_reply_open(req, fi) == -ENOENT) {
-        /* the caller was interrupted; no release will come */
-        pthread_mutex_destroy(&open_message->lock);
-        free(open_message);
+    if (body->len != listed_size) {
+        fi->direct_io = 1;
+        fs_notify_inode(fs_account_notifier(account), ino);
+    } else {
+        fi->keep_cache = 1; /* immutable: the page cache stays valid */
     }
+    fi->fh = (uintptr_t)body;
+    fi->noflush = 1; /* nothing to flush on a message: spare the round trip */
+    if (fuse_reply_open(req, fi) == -ENOENT) /* interrupted: no release will come */
+        fs_account_body_release(account, body);
 }
 
 static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset,
                     struct fuse_file_info *fi)
 {
-    struct fs_account *account = account_of(req);
-    struct open_message *open_message = (struct open_message *)(uintptr_t)fi->fh;
-    int ret = 0;
-
     if (fs_is_newmail_ino(ino)) {
         fs_newmail_read(req, ino, size, offset);
         return;
     }
-    pthread_mutex_lock(&open_message->lock);
-    if (!open_message->body)
-        ret = fs_account_body(account, ino_folder_id(ino), ino_uid(ino), &open_message->body);
-    struct cache_body *body = open_message->body;
-    pthread_mutex_unlock(&open_message->lock);
-    if (ret < 0) {
-        fuse_reply_err(req, ret == -ENOENT ? ENOENT : -ret);
-        return;
-    }
+    const struct cache_body *body = (const struct cache_body *)(uintptr_t)fi->fh;
     if (offset < 0 || (uint64_t)offset >= body->len) {
         fuse_reply_buf(req, NULL, 0);
         return;
@@ -444,15 +435,11 @@ static void fs_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 static void fs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    struct open_message *open_message = (struct open_message *)(uintptr_t)fi->fh;
-
     if (fs_is_newmail_ino(ino)) {
         fs_newmail_release(req, ino);
         return;
     }
-    fs_account_body_release(account_of(req), open_message->body);
-    pthread_mutex_destroy(&open_message->lock);
-    free(open_message);
+    fs_account_body_release(account_of(req), (struct cache_body *)(uintptr_t)fi->fh);
     fuse_reply_err(req, 0);
 }
 
