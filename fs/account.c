@@ -14,6 +14,7 @@
  * a random reader pays for a few extra small messages at most.  Messages
  * being fetched are recorded in an in-flight table so that two readers
  * never fetch the same message twice: the second waits for the first. */
+#include "cache/disk.h"
 #include "fs/fs.h"
 #include "fs/names.h"
 #include "imap/log.h"
@@ -40,6 +41,14 @@ struct readahead_request {
 #define READAHEAD_THREADS 2
 #define READAHEAD_QUEUE 8
 
+/* A body on its way to the disk cache. */
+struct disk_job {
+    struct cache_body *body;        /* referenced */
+    char *mailbox;
+    struct disk_job *next;
+};
+#define WRITER_MAX_BYTES (64u << 20)
+
 struct inflight {
     struct { uint32_t folder_id, uid; } key;
     UT_hash_handle hh;
@@ -64,6 +73,20 @@ struct fs_account {
 
     struct fs_notifier *notifier;
     struct fs_searches *searches;   /* FOLDER/.search/ queries */
+    struct cache_disk *disk;        /* the persistent cache, or NULL (-o cache_dir=none) */
+
+    /* Bodies wait here to be written to disk by the writer thread, so that a
+     * fetch never waits for the disk.  Each holds a body reference. */
+    pthread_t writer_thread;
+    int writer_running;
+    pthread_mutex_t writer_lock;
+    pthread_cond_t writer_wake;
+    struct disk_job *writer_queue;  /* protected by writer_lock; oldest first */
+    struct disk_job *writer_tail;   /* protected by writer_lock */
+    uint64_t writer_bytes;          /* protected by writer_lock */
+    int writer_stop;                /* protected by writer_lock */
+    int offline;                    /* mounted from the disk cache without a server;
+                                       protected by pool_lock; cleared at the first login */
     char *trash;                    /* -o trash: a mount path, "auto", or NULL */
     char *special_trash;            /* the \Trash mailbox from LIST; protected by cache lock */
     char delimiter;                 /* for new top-level folders; protected by cache lock */
@@ -99,6 +122,7 @@ struct fs_account {
 static void unsolicited(void *context, struct imap_session *session,
                         const struct imap_response *response);
 static void *readahead_main(void *arg);
+static char *folder_mailbox(struct fs_account *account, uint32_t folder_id);
 
 static double now_monotonic(void)
 {
@@ -137,16 +161,34 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     pthread_cond_init(&account->inflight_done, NULL);
     pthread_mutex_init(&account->readahead_lock, NULL);
     pthread_mutex_init(&account->quota_lock, NULL);
+    pthread_mutex_init(&account->writer_lock, NULL);
+    pthread_cond_init(&account->writer_wake, NULL);
     pthread_cond_init(&account->readahead_wake, NULL);
-    account->hide_deleted = !imap_session_has_capability(first, "UIDPLUS");
-    imap_session_capability_value(first, "APPENDLIMIT", &account->append_limit);
     account->max_download = options->max_download_bytes;
     pthread_mutex_init(&account->budget_lock, NULL);
-    char namespace_delimiter = 0;
-    if (imap_namespace_personal(first, &account->namespace_prefix, &namespace_delimiter) < 0 ||
-        !account->namespace_prefix) {
-        free(account->namespace_prefix);
+    if (options->cache_dir && strcmp(options->cache_dir, "none") != 0) {
+        char err[512];
+        account->disk = cache_disk_open(options->cache_dir, options->cache_max_bytes, err,
+                                        sizeof(err));
+        if (!account->disk)
+            log_warn("persistent cache off: %s", err);
+    }
+    if (!first) {
+        /* Offline: what we know comes from the disk cache; the namespace
+         * prefix was saved with the folder list.  Requests fail fast with
+         * EIO until a connection succeeds (then we are live again). */
+        account->offline = 1;
+        account->offline_since = now_monotonic() - config->timeout - 1;
         account->namespace_prefix = strdup("");
+        account->hide_deleted = 1; /* unknown: the cautious choice */
+    } else {
+        account->hide_deleted = !imap_session_has_capability(first, "UIDPLUS");
+        imap_session_capability_value(first, "APPENDLIMIT", &account->append_limit);
+        char namespace_delimiter = 0;
+        if (imap_namespace_personal(first, &account->namespace_prefix, &namespace_delimiter) < 0) {
+            free(account->namespace_prefix);
+            account->namespace_prefix = strdup("");
+        }
     }
     if (!account->namespace_prefix) {
         fs_account_free(account);
@@ -155,10 +197,25 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     if (*account->namespace_prefix)
         log_info("personal namespace prefix \"%s\" is not shown on the mount",
                  account->namespace_prefix);
-    imap_session_set_unsolicited(first, unsolicited, account);
-    account->idle[account->idle_count++] = first;
-    account->open_count = 1;
+    if (first) {
+        imap_session_set_unsolicited(first, unsolicited, account);
+        account->idle[account->idle_count++] = first;
+        account->open_count = 1;
+    }
     return account;
+}
+
+int fs_account_offline(struct fs_account *account)
+{
+    pthread_mutex_lock(&account->pool_lock);
+    int offline = account->offline;
+    pthread_mutex_unlock(&account->pool_lock);
+    return offline;
+}
+
+int fs_account_has_disk_cache(const struct fs_account *account)
+{
+    return account->disk != NULL;
 }
 
 void fs_account_free(struct fs_account *account)
@@ -173,11 +230,20 @@ void fs_account_free(struct fs_account *account)
         for (int i = 0; i < account->readahead_running; i++)
             pthread_join(account->readahead_threads[i], NULL);
     }
+    if (account->writer_running) {
+        /* what is queued still gets written: it is a cache worth keeping */
+        pthread_mutex_lock(&account->writer_lock);
+        account->writer_stop = 1;
+        pthread_cond_signal(&account->writer_wake);
+        pthread_mutex_unlock(&account->writer_lock);
+        pthread_join(account->writer_thread, NULL);
+    }
     for (size_t i = 0; i < account->idle_count; i++)
         imap_session_close(account->idle[i]);
     free(account->idle);
     fs_notifier_free(account->notifier);
     fs_searches_free(account->searches);
+    cache_disk_close(account->disk);
     free(account->trash);
     free(account->special_trash);
     free(account->namespace_prefix);
@@ -193,8 +259,75 @@ void fs_account_free(struct fs_account *account)
     free(account);
 }
 
+static void *writer_main(void *arg)
+{
+    struct fs_account *account = arg;
+
+    pthread_mutex_lock(&account->writer_lock);
+    for (;;) {
+        while (!account->writer_queue && !account->writer_stop)
+            pthread_cond_wait(&account->writer_wake, &account->writer_lock);
+        struct disk_job *job = account->writer_queue;
+        if (!job)
+            break; /* stopping, and nothing left */
+        account->writer_queue = job->next;
+        if (!account->writer_queue)
+            account->writer_tail = NULL;
+        pthread_mutex_unlock(&account->writer_lock);
+        cache_disk_body_save(account->disk, job->mailbox, job->body->uidvalidity, job->body->uid,
+                             job->body->data, job->body->len);
+        pthread_mutex_lock(&account->writer_lock);
+        account->writer_bytes -= job->body->len;
+        pthread_mutex_unlock(&account->writer_lock);
+        cache_body_release(account->bodies, job->body);
+        free(job->mailbox);
+        free(job);
+        pthread_mutex_lock(&account->writer_lock);
+    }
+    pthread_mutex_unlock(&account->writer_lock);
+    return NULL;
+}
+
+/* Queues a fetched body for the disk cache; skipped when the queue is full
+ * (the disk is slower than the network: better a message fetched again
+ * next time than memory without bound). */
+static void disk_save_later(struct fs_account *account, const char *mailbox, uint32_t folder_id,
+                            uint32_t uidvalidity, uint32_t uid)
+{
+    if (!account->disk || !account->writer_running || !mailbox)
+        return;
+    pthread_mutex_lock(&account->writer_lock);
+    int full = account->writer_bytes > WRITER_MAX_BYTES;
+    pthread_mutex_unlock(&account->writer_lock);
+    if (full)
+        return;
+    struct disk_job *job = calloc(1, sizeof(*job));
+    if (!job || !(job->mailbox = strdup(mailbox)) ||
+        !(job->body = cache_body_get(account->bodies, folder_id, uidvalidity, uid))) {
+        if (job)
+            free(job->mailbox);
+        free(job);
+        return;
+    }
+    pthread_mutex_lock(&account->writer_lock);
+    account->writer_bytes += job->body->len;
+    if (account->writer_tail)
+        account->writer_tail->next = job;
+    else
+        account->writer_queue = job;
+    account->writer_tail = job;
+    pthread_cond_signal(&account->writer_wake);
+    pthread_mutex_unlock(&account->writer_lock);
+}
+
 int fs_account_start(struct fs_account *account)
 {
+    if (account->disk) {
+        int ret = pthread_create(&account->writer_thread, NULL, writer_main, account);
+        if (ret != 0)
+            return -ret;
+        account->writer_running = 1;
+    }
     for (int i = 0; i < READAHEAD_THREADS; i++) {
         int ret = pthread_create(&account->readahead_threads[i], NULL, readahead_main, account);
         if (ret != 0)
@@ -251,8 +384,11 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
                 int ret = imap_session_open(&account->config, out, err, sizeof(err));
                 pthread_mutex_lock(&account->pool_lock);
                 if (ret == 0) {
-                    if (account->offline_since)
+                    if (account->offline)
+                        log_warn("the server answers: the mount is live again");
+                    else if (account->offline_since)
                         log_info("connected to the server again");
+                    account->offline = 0;
                     account->offline_since = 0;
                     account->backoff = 0;
                     pthread_mutex_unlock(&account->pool_lock);
@@ -467,11 +603,44 @@ static void notify_folder_changes(struct fs_account *account, const struct folde
     }
 }
 
+/* The folder list on disk carries one extra record: the personal namespace
+ * prefix, so an offline mount shows the same paths as a live one. */
+#define NAMESPACE_RECORD 0x80000000u
+
+static void folders_to_disk(struct fs_account *account, const struct imap_mailbox *mailboxes,
+                            size_t count)
+{
+    struct cache_disk_folders folders = { 0 };
+
+    if (!account->disk)
+        return;
+    folders.mailboxes = calloc(count + 1, sizeof(*folders.mailboxes));
+    folders.delimiters = calloc(count + 1, 1);
+    folders.flags = calloc(count + 1, sizeof(*folders.flags));
+    if (folders.mailboxes && folders.delimiters && folders.flags) {
+        for (size_t i = 0; i < count; i++) {
+            folders.mailboxes[i] = mailboxes[i].name;
+            folders.delimiters[i] = mailboxes[i].delimiter;
+            folders.flags[i] = mailboxes[i].flags;
+        }
+        folders.mailboxes[count] = account->namespace_prefix;
+        folders.flags[count] = NAMESPACE_RECORD;
+        folders.count = count + 1;
+        cache_disk_folders_save(account->disk, &folders);
+    }
+    free(folders.mailboxes); /* the strings belong to the caller */
+    free(folders.delimiters);
+    free(folders.flags);
+}
+
+static int apply_mailboxes(struct fs_account *account, const struct imap_mailbox *mailboxes,
+                           size_t count);
+
 int fs_account_load_folders(struct fs_account *account)
 {
     struct imap_session *session;
     struct imap_mailbox *mailboxes = NULL;
-    size_t count = 0, used = 0;
+    size_t count = 0;
     int ret = session_acquire(account, NULL, &session);
 
     if (ret < 0)
@@ -480,7 +649,51 @@ int fs_account_load_folders(struct fs_account *account)
     session_release(account, session);
     if (ret < 0)
         return ret == -EIO ? ret : -EIO;
+    folders_to_disk(account, mailboxes, count);
+    ret = apply_mailboxes(account, mailboxes, count);
+    imap_mailboxes_free(mailboxes, count);
+    return ret;
+}
 
+int fs_account_load_folders_offline(struct fs_account *account)
+{
+    struct cache_disk_folders folders;
+    struct imap_mailbox *mailboxes;
+    size_t used = 0;
+
+    if (!account->disk || cache_disk_folders_load(account->disk, &folders) < 0)
+        return -ENOENT;
+    mailboxes = calloc(folders.count ? folders.count : 1, sizeof(*mailboxes));
+    if (!mailboxes) {
+        cache_disk_folders_free(&folders);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < folders.count; i++) {
+        if (folders.flags[i] & NAMESPACE_RECORD) {
+            char *prefix = strdup(folders.mailboxes[i]);
+            if (prefix) {
+                free(account->namespace_prefix);
+                account->namespace_prefix = prefix;
+            }
+            continue;
+        }
+        mailboxes[used].name = folders.mailboxes[i];
+        mailboxes[used].delimiter = folders.delimiters[i];
+        mailboxes[used].flags = folders.flags[i];
+        used++;
+    }
+    int ret = apply_mailboxes(account, mailboxes, used);
+    free(mailboxes); /* names belong to folders */
+    cache_disk_folders_free(&folders);
+    return ret;
+}
+
+/* Makes the folder tree match a LIST result. */
+static int apply_mailboxes(struct fs_account *account, const struct imap_mailbox *mailboxes,
+                           size_t count)
+{
+    size_t used = 0;
+    int ret = 0;
     struct cache_mailbox_entry *entries = calloc(count ? count : 1, sizeof(*entries));
     char ***paths = calloc(count ? count : 1, sizeof(*paths));
     if (!entries || !paths) {
@@ -524,7 +737,6 @@ out:
     }
     free(paths);
     free(entries);
-    imap_mailboxes_free(mailboxes, count);
     return ret;
 }
 
@@ -743,7 +955,7 @@ static int snapshot_folder(struct fs_account *account, uint32_t folder_id, int f
     old->uidvalidity = folder->uidvalidity;
     old->uidnext = folder->uidnext;
     old->highestmodseq = folder->highestmodseq;
-    old->listed = folder->listed_at > 0;
+    old->listed = folder->uidvalidity != 0; /* a table from this mount or from disk */
     if (old->listed && folder->count) {
         old->messages = malloc(folder->count * sizeof(*old->messages));
         if (old->messages) {
@@ -803,11 +1015,83 @@ full:
     return ret;
 }
 
+/* A folder this mount has not listed yet starts from the listing saved on
+ * disk: it shows at once (also offline), and the refresh that follows asks
+ * the server only for what changed since (CONDSTORE). */
+static void listing_from_disk(struct fs_account *account, uint32_t folder_id)
+{
+    struct cache_disk_listing listing;
+    char *mailbox = NULL;
+
+    if (!account->disk)
+        return;
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    if (folder && folder->selectable && folder->uidvalidity == 0 && folder->listed_at == 0)
+        mailbox = strdup(folder->mailbox);
+    cache_unlock(account->cache);
+    if (!mailbox)
+        return;
+    if (cache_disk_listing_load(account->disk, mailbox, &listing) == 0) {
+        cache_lock(account->cache);
+        folder = cache_folder_by_id(account->cache, folder_id);
+        if (folder && folder->uidvalidity == 0 &&
+            cache_folder_set_messages(folder, listing.messages, listing.count) == 0) {
+            folder->uidvalidity = listing.uidvalidity;
+            folder->uidnext = listing.uidnext;
+            folder->highestmodseq = listing.highestmodseq;
+            listing.messages = NULL;
+            listing.count = 0;
+        }
+        cache_unlock(account->cache);
+        for (size_t i = 0; i < listing.count; i++)
+            free(listing.messages[i].keywords);
+        free(listing.messages);
+    }
+    free(mailbox);
+}
+
+static void listing_to_disk(struct fs_account *account, uint32_t folder_id)
+{
+    struct cache_disk_listing listing = { 0 };
+    char *mailbox = NULL;
+
+    if (!account->disk)
+        return;
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    if (folder && folder->mailbox) {
+        mailbox = strdup(folder->mailbox);
+        listing.uidvalidity = folder->uidvalidity;
+        listing.uidnext = folder->uidnext;
+        listing.highestmodseq = folder->highestmodseq;
+        listing.messages = malloc((folder->count ? folder->count : 1) * sizeof(*listing.messages));
+        if (listing.messages) {
+            /* keywords are shared with the cache's table, read outside the
+             * lock: copy them too, the table may change meanwhile */
+            memcpy(listing.messages, folder->messages, folder->count * sizeof(*listing.messages));
+            listing.count = folder->count;
+            for (size_t i = 0; i < listing.count; i++)
+                if (listing.messages[i].keywords)
+                    listing.messages[i].keywords = strdup(listing.messages[i].keywords);
+        }
+    }
+    cache_unlock(account->cache);
+    if (mailbox && listing.messages)
+        cache_disk_listing_save(account->disk, mailbox, &listing);
+    for (size_t i = 0; i < listing.count; i++)
+        free(listing.messages[i].keywords);
+    free(listing.messages);
+    free(mailbox);
+}
+
 int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int force)
 {
     struct folder_snapshot old;
     struct imap_mailbox_state state;
     struct table_builder table = { 0 };
+
+    listing_from_disk(account, folder_id);
     int ret = snapshot_folder(account, folder_id, force, &old);
 
     if (ret != 0)
@@ -860,6 +1144,8 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
         log_info("%s: UIDVALIDITY changed, dropping its cache", old.mailbox);
         cache_folder_reset(folder, state.uidvalidity);
         cache_bodies_drop_folder(account->bodies, folder_id);
+        if (account->disk)
+            cache_disk_drop_mailbox(account->disk, old.mailbox);
     }
     /* The kernel learns what changed against the table it was shown. */
     notify_table_changes(account, folder_id, folder->messages, folder->count, table.messages,
@@ -873,6 +1159,8 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
     cache_unlock(account->cache);
     if (ret < 0)
         free_table(&table);
+    else
+        listing_to_disk(account, folder_id);
     snapshot_free(&old);
     return ret;
 }
@@ -887,6 +1175,18 @@ static struct inflight *inflight_find(struct fs_account *account, uint32_t folde
     probe.key.uid = uid;
     HASH_FIND(hh, account->inflight, &probe.key, sizeof(probe.key), found);
     return found;
+}
+
+/* Marks one message in flight.  Caller holds inflight_lock. */
+static int inflight_mark(struct fs_account *account, uint32_t folder_id, uint32_t uid)
+{
+    struct inflight *entry = calloc(1, sizeof(*entry));
+    if (!entry)
+        return -ENOMEM;
+    entry->key.folder_id = folder_id;
+    entry->key.uid = uid;
+    HASH_ADD(hh, account->inflight, key, sizeof(entry->key), entry);
+    return 0;
 }
 
 /* Clears one in-flight mark and wakes whoever waits for it.  Caller holds
@@ -937,6 +1237,7 @@ static void budget_spend(struct fs_account *account, size_t bytes)
 
 struct body_batch {
     struct fs_account *account;
+    const char *mailbox;            /* for the disk cache */
     uint32_t folder_id, uidvalidity, wanted_uid;   /* wanted_uid 0: a prefetch */
     struct cache_body *wanted;      /* referenced once it arrives */
 };
@@ -972,6 +1273,7 @@ static int store_body(void *context, uint32_t uid, char *body, size_t len)
     } else {
         cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity, uid, body, len);
     }
+    disk_save_later(account, batch->mailbox, batch->folder_id, batch->uidvalidity, uid);
     pthread_mutex_lock(&account->inflight_lock);
     inflight_clear(account, batch->folder_id, uid);
     pthread_mutex_unlock(&account->inflight_lock);
@@ -1024,7 +1326,9 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t f
             if (n && bytes + message->size > BATCH_BYTES)
                 break;
             if (cache_body_contains(account->bodies, folder_id, *uidvalidity, message->uid) ||
-                inflight_find(account, folder_id, message->uid))
+                inflight_find(account, folder_id, message->uid) ||
+                (account->disk && cache_disk_body_present(account->disk, folder->mailbox,
+                                                          *uidvalidity, message->uid)))
                 continue;
         }
         bytes += message->size;
@@ -1032,16 +1336,11 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t f
     }
     cache_unlock(account->cache);
 
-    for (size_t i = 0; i < n; i++) {
-        struct inflight *entry = calloc(1, sizeof(*entry));
-        if (!entry) {
+    for (size_t i = 0; i < n; i++)
+        if (inflight_mark(account, folder_id, uids[i]) < 0) {
             *count = i;
             return -ENOMEM;
         }
-        entry->key.folder_id = folder_id;
-        entry->key.uid = uids[i];
-        HASH_ADD(hh, account->inflight, key, sizeof(entry->key), entry);
-    }
     *count = n;
     return 0;
 }
@@ -1111,7 +1410,7 @@ static void *readahead_main(void *arg)
                              BATCH_MESSAGES, 0, uids, &count, &uidvalidity, &mailbox);
         pthread_mutex_unlock(&account->inflight_lock);
         if (ret == 0 && count) {
-            struct body_batch batch = { account, request.folder_id, uidvalidity, 0, NULL };
+            struct body_batch batch = { account, mailbox, request.folder_id, uidvalidity, 0, NULL };
             fetch_batch(account, &batch, mailbox, uids, count);
         }
         free(mailbox);
@@ -1231,6 +1530,24 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
             break;
         pthread_cond_wait(&account->inflight_done, &account->inflight_lock);
     }
+    /* Not in memory: the disk cache, then the server.  The message is marked
+     * in flight while the disk is read, so another reader waits for it
+     * instead of fetching it too. */
+    if (account->disk && (ret = inflight_mark(account, folder_id, uid)) == 0) {
+        pthread_mutex_unlock(&account->inflight_lock);
+        char *mailbox_name = folder_mailbox(account, folder_id), *data;
+        size_t len;
+        if (mailbox_name &&
+            cache_disk_body_load(account->disk, mailbox_name, uidvalidity, uid, &data, &len) == 0)
+            *out = cache_body_insert(account->bodies, folder_id, uidvalidity, uid, data, len);
+        free(mailbox_name);
+        pthread_mutex_lock(&account->inflight_lock);
+        inflight_clear(account, folder_id, uid);
+        if (*out) {
+            pthread_mutex_unlock(&account->inflight_lock);
+            return 0;
+        }
+    }
     /* A miss.  A scan fetches a batch; a lone read (a mail client opening
      * one message, cat) fetches just its message. */
     ret = plan_batch(account, folder_id, uid, step ? step : 1, step ? BATCH_MESSAGES : 1, 1,
@@ -1244,7 +1561,7 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
         free(mailbox);
         return ret;
     }
-    struct body_batch batch = { account, folder_id, uidvalidity, uid, NULL };
+    struct body_batch batch = { account, mailbox, folder_id, uidvalidity, uid, NULL };
     ret = fetch_batch(account, &batch, mailbox, uids, count);
     if (ret == 0 && !batch.wanted)
         ret = -ENOENT; /* expunged by someone else meanwhile */

@@ -29,6 +29,8 @@ struct fs_options {
     unsigned timeout;           /* seconds for any one network wait */
     char *trash;                /* rm moves here: a folder path, or "auto" for \Trash */
     char *max_download;         /* bytes of mail fetched per UTC day, "2G" style */
+    char *cache_dir;            /* persistent cache directory, or "none" */
+    char *cache_max;            /* its size bound, "1G" style */
     char *config;               /* -o config=PATH: the accounts file to read */
     char *account;              /* ACCOUNT given instead of a URL: a [section] of
                                  * the config file, whose url and options apply
@@ -46,6 +48,7 @@ struct fs_options {
     enum imap_tls_mode tls_mode;
     uint64_t cache_bytes;
     uint64_t max_download_bytes; /* 0: no limit */
+    uint64_t cache_max_bytes;
 };
 
 /* Parses argv into options; FUSE's own options stay in args.  Returns 0, or
@@ -61,11 +64,15 @@ char *fs_password_get(const struct fs_options *options);
 
 struct fs_account;
 
-/* Takes a logged-in first session (used to list folders, then pooled). */
+/* Takes a logged-in first session (used to list folders, then pooled), or
+ * NULL to mount offline from the persistent cache. */
 struct fs_account *fs_account_new(const struct fs_options *options,
                                   const struct imap_config *config,
                                   struct imap_session *first);
 void fs_account_free(struct fs_account *account);
+/* Mounted from the disk cache with no server yet: changes give EROFS. */
+int fs_account_offline(struct fs_account *account);
+int fs_account_has_disk_cache(const struct fs_account *account);
 /* Starts the account's threads (read-ahead); after daemonizing. */
 int fs_account_start(struct fs_account *account);
 struct cache *fs_account_cache(struct fs_account *account);
@@ -73,6 +80,8 @@ double fs_account_dir_timeout(const struct fs_account *account);
 
 /* LIST and make the folder tree match. */
 int fs_account_load_folders(struct fs_account *account);
+/* The folder tree from the disk cache (an offline mount); -ENOENT if none. */
+int fs_account_load_folders_offline(struct fs_account *account);
 /* Makes sure the folder's UID table is no older than the listing timeout
  * (force: refresh now).  0, -ENOENT (folder gone) or -EIO. */
 int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int force);

@@ -70,7 +70,13 @@ int main(int argc, char *argv[])
     if (config.tls == IMAP_TLS_NONE)
         fprintf(stderr, "imapfs: warning: no TLS (-o tls=none); the password travels in clear\n");
 
-    if (imap_session_open(&config, &first, err, sizeof(err)) < 0) {
+    int login = imap_session_open(&config, &first, err, sizeof(err));
+    /* Unreachable (not refused: a wrong password or certificate never
+     * falls back) with a persistent cache: mount from it, read-only until
+     * the server answers. */
+    int unreachable = login == -ECONNREFUSED || login == -EHOSTUNREACH ||
+                      login == -ENETUNREACH || login == -ETIMEDOUT || login == -ECONNRESET;
+    if (login < 0 && !unreachable) {
         fprintf(stderr, "imapfs: %s\n", err);
         goto out;
     }
@@ -80,7 +86,14 @@ int main(int argc, char *argv[])
         fprintf(stderr, "imapfs: out of memory\n");
         goto out;
     }
-    if (fs_account_load_folders(account) < 0) {
+    if (login < 0) {
+        if (fs_account_load_folders_offline(account) < 0) {
+            fprintf(stderr, "imapfs: %s\n", err);
+            goto out;
+        }
+        fprintf(stderr, "imapfs: warning: %s; mounting what is cached, read-only, until the "
+                        "server answers\n", err);
+    } else if (fs_account_load_folders(account) < 0) {
         fprintf(stderr, "imapfs: cannot list the folders of %s\n", options.host);
         goto out;
     }

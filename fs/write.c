@@ -60,6 +60,15 @@ static uint64_t newmail_serial;         /* protected by newmail_lock */
 
 static struct fs_account *account_of(fuse_req_t req) { return fuse_req_userdata(req); }
 
+/* While mounted from the disk cache without a server, nothing can change. */
+static int refuse_offline(fuse_req_t req)
+{
+    if (!fs_account_offline(account_of(req)))
+        return 0;
+    fuse_reply_err(req, EROFS);
+    return 1;
+}
+
 static double now_monotonic(void)
 {
     struct timespec ts;
@@ -283,6 +292,8 @@ static int folder_is_selectable(struct fs_account *account, uint32_t folder_id)
 void fs_write_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
                       struct fuse_file_info *fi)
 {
+    if (refuse_offline(req))
+        return;
     struct fs_account *account = account_of(req);
     uint32_t folder_id = folder_of(parent), uid;
     struct fuse_entry_param entry;
@@ -514,6 +525,8 @@ void fs_write_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_
 
 void fs_write_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
+    if (refuse_offline(req))
+        return;
     struct fs_account *account = account_of(req);
     uint32_t folder_id = folder_of(parent), uid;
 
@@ -548,6 +561,8 @@ void fs_write_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 void fs_write_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
                       const char *newname, unsigned int flags)
 {
+    if (refuse_offline(req))
+        return;
     struct fs_account *account = account_of(req);
     struct cache *cache = fs_account_cache(account);
     uint32_t from_id = folder_of(parent), to_id = folder_of(newparent), uid, target_uid;
@@ -638,6 +653,8 @@ void fs_write_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_i
 
 void fs_write_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
 {
+    if (refuse_offline(req))
+        return;
     struct fs_account *account = account_of(req);
     struct cache *cache = fs_account_cache(account);
     struct fuse_entry_param entry;
@@ -676,6 +693,8 @@ void fs_write_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t 
 
 void fs_write_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
+    if (refuse_offline(req))
+        return;
     if (fs_is_search_ino(parent)) {
         fuse_reply_err(req, EPERM);
         return;
@@ -725,6 +744,8 @@ invalid:
 void fs_write_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
                         size_t size, int flags)
 {
+    if (refuse_offline(req))
+        return;
     struct fs_account *account = account_of(req);
     uint32_t uid = uid_of(ino);
 
@@ -755,6 +776,8 @@ void fs_write_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const c
 
 void fs_write_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
 {
+    if (refuse_offline(req))
+        return;
     if (uid_of(ino) && !fs_is_newmail_ino(ino) && !fs_is_search_ino(ino) &&
         strcmp(name, "user.imap.flags") == 0) {
         int ret = fs_account_store_flags(account_of(req), folder_of(ino), uid_of(ino), "");

@@ -23,6 +23,8 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -193,6 +195,12 @@ class Mount:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "optional: checks a nice-to-have; may skip when unobservable")
+    # imapfs keeps a persistent cache under $XDG_CACHE_HOME by default: give
+    # every mount of this run a throwaway one, never the user's ~/.cache.
+    if "IMAPFS_TEST_KEEP_XDG_CACHE" not in os.environ:
+        cache_home = tempfile.mkdtemp(prefix="imapfs-test-cache.")
+        os.environ["XDG_CACHE_HOME"] = cache_home
+        atexit.register(shutil.rmtree, cache_home, True)
     # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so fixtures clean up
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         def _terminate(signum, frame):

@@ -702,6 +702,10 @@ class FakeIMAP:
         self._release.set()
         if self._listener:
             try:
+                self._listener.shutdown(socket.SHUT_RDWR)   # wakes accept() at once
+            except OSError:
+                pass
+            try:
                 self._listener.close()
             except OSError:
                 pass

@@ -320,7 +320,7 @@ def test_optional_second_read_served_from_cache(mounter, server):
 
 
 # --------------------------------------------------------------------------
-# writes: this version is read-only
+# writes: -o ro refuses them
 
 def _errno_of(fn, *args):
     try:
@@ -335,9 +335,8 @@ def _create(path):
         f.write(b"Subject: x\r\n\r\nx\r\n")
 
 
-# "default": the plain mount of the read-only issue (to be replaced by write
-# tests once writes are in scope); "ro": -o ro must refuse writes in any version.
-WRITE_MODES = {"default": [], "ro": ["ro"]}
+# -o ro must refuse every write.  (A default mount writes: see test_write.py.)
+WRITE_MODES = {"ro": ["ro"]}
 
 
 @pytest.mark.parametrize("mode", sorted(WRITE_MODES))

@@ -1,0 +1,1398 @@
+/* cache/disk.c — the persistent cache: bodies, UID tables and the folder
+ * list as files under one directory (layout in cache/disk.h).
+ *
+ * Files, not a database.  A body is written once and read many times, and a
+ * file system is already a good store for immutable blobs: one file per body,
+ * named by UIDVALIDITY and UID under a directory per mailbox.  Dropping a
+ * mailbox is then one directory, LRU order is the file mtime, and a crash can
+ * leave only whole files or torn ones behind.
+ *
+ * Torn files are caught, not prevented.  Every file is written under DIR/tmp
+ * and renamed into place, without fsync, so a crash can still leave a renamed
+ * file whose blocks never reached the disk (zeroes, or short).  The 32-byte
+ * header carries the payload length and a checksum of the payload; a file
+ * failing either is removed and reported absent, and the caller fetches it
+ * again.  The checksum only has to notice accidents (anyone who can write in
+ * DIR, 0700 and ours, can do anything we can), but every length and count
+ * read back is still checked against what is left of the payload, so a
+ * corrupt file can make a load fail, never read past its end.
+ *
+ * Mailbox directories are named by a 64-bit FNV-1a of the mailbox name, so a
+ * server's name (any bytes, "/", "..") never becomes a path.  FNV is easy to
+ * collide on purpose, so DIR/m/HASH/name says whose directory it is: one that
+ * names another mailbox is absent to loads and replaced by saves.  Who owns
+ * each hash is remembered after the first look, so a load costs one open.
+ *
+ * The byte count is exact.  Every change to a body file in DIR/m (rename into
+ * place, removal of a torn one, eviction) happens under the lock together
+ * with a stat of the file it replaces or removes, checked to be the same
+ * inode, so two threads saving the same body, or a load removing a torn file
+ * another thread has just replaced, cannot make the count drift.  Those are
+ * metadata calls of a few microseconds; the bodies themselves are written and
+ * read outside the lock.  Dropping a mailbox renames its directory into
+ * DIR/tmp under the lock (after which no one can find its files) and removes
+ * it outside.
+ *
+ * Eviction walks DIR/m without the lock, collecting (mtime, size, inode,
+ * path) of every body, sorts oldest first, and removes them one at a time
+ * under the lock until the total is at 80 % of max_bytes, skipping any whose
+ * inode or mtime changed since the walk (replaced, or loaded meanwhile).
+ * Only one thread evicts at a time, in the save that crossed the limit; the
+ * 80 % hysteresis makes that once per fifth of max_bytes written, and a walk
+ * of 100,000 bodies takes a fraction of a second.
+ *
+ * One process per directory: opening empties DIR/tmp and counts the bodies,
+ * which would break another process's writes and count, so DIR/lock is held
+ * with flock for as long as the cache is open. */
+
+/* uthash's default on out of memory is exit(); ours is failure. */
+#define HASH_NONFATAL_OOM 1
+#include "cache/disk.h"
+
+#include <dirent.h>
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------ file format */
+
+/* Header, all integers little-endian:
+ *   0  "IMFS"
+ *   4  u32 format version
+ *   8  u32 kind (enum file_kind)
+ *  12  u32 zero
+ *  16  u64 payload length (= file size - 32)
+ *  24  u64 checksum of the payload */
+#define HEADER_SIZE 32
+#define FORMAT_VERSION 1u
+static const char magic[4] = {'I', 'M', 'F', 'S'};
+
+enum file_kind {
+    KIND_BODY = 1,
+    KIND_LISTING = 2,
+    KIND_FOLDERS = 3,
+    KIND_NAME = 4,      /* DIR/m/HASH/name: the owning mailbox's name */
+};
+
+/* Relative paths below DIR: "m/" 16 hex "/" 10 digits "/" 10 digits, and
+ * temporary names "tmp/" pid "." counter. */
+#define REL_MAX 64
+
+#define FNV_OFFSET 0xcbf29ce484222325ull
+#define FNV_PRIME 0x100000001b3ull
+
+/* The smallest a listing entry (u32 uid, u32 flags, u64 size, i64 date, u32
+ * keyword length) and a folder entry (u8 delimiter, u32 flags, u32 name
+ * length) can be: a count larger than what is left / this is corrupt,
+ * checked before anything is allocated for it. */
+#define LISTING_HEAD 24
+#define LISTING_ENTRY_MIN 28
+#define FOLDERS_HEAD 8
+#define FOLDER_ENTRY_MIN 9
+
+static void put_u32(unsigned char *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void put_u64(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint32_t get_u32(const unsigned char *p)
+{
+    uint32_t v = 0;
+    for (int i = 0; i < 4; i++)
+        v |= (uint32_t)p[i] << (8 * i);
+    return v;
+}
+
+static uint64_t get_u64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+/* FNV-1a over 64-bit words instead of bytes: byte-wise FNV-1a is one
+ * multiply per byte, under 1 GB/s, slower than the disk.  A multiply by the
+ * FNV prime only carries bits upwards, so each step also folds the high half
+ * back down; every step is a bijection of the state for a given word, so any
+ * change confined to one word always changes the result.  The final mix
+ * (MurmurHash3's fmix64) spreads the last words over all bits. */
+static uint64_t checksum(const void *data, size_t len)
+{
+    const unsigned char *p = data;
+    uint64_t h = FNV_OFFSET;
+    size_t left = len;
+
+    while (left >= 8) {
+        uint64_t word;
+        memcpy(&word, p, 8);
+        h ^= le64toh(word);
+        h *= FNV_PRIME;
+        h ^= h >> 32;
+        p += 8;
+        left -= 8;
+    }
+    uint64_t tail = 0;
+    for (size_t i = 0; i < left; i++)
+        tail |= (uint64_t)p[i] << (8 * i);
+    h ^= tail;
+    h *= FNV_PRIME;
+    h ^= h >> 32;
+
+    h ^= (uint64_t)len;
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ull;
+    h ^= h >> 33;
+    return h;
+}
+
+/* Plain byte-wise FNV-1a 64: the mailbox directory's name. */
+static uint64_t mailbox_hash(const char *mailbox)
+{
+    uint64_t h = FNV_OFFSET;
+    for (const unsigned char *p = (const unsigned char *)mailbox; *p; p++) {
+        h ^= *p;
+        h *= FNV_PRIME;
+    }
+    return h;
+}
+
+static void encode_header(unsigned char *header, uint32_t kind, const void *payload, size_t len)
+{
+    memcpy(header, magic, 4);
+    put_u32(header + 4, FORMAT_VERSION);
+    put_u32(header + 8, kind);
+    put_u32(header + 12, 0);
+    put_u64(header + 16, len);
+    put_u64(header + 24, checksum(payload, len));
+}
+
+/* ------------------------------------------------------------- the state */
+
+/* Who a DIR/m/HASH directory belongs to, as its name file said, or as we
+ * wrote it. */
+struct owner {
+    uint64_t hash;
+    char *mailbox;
+    UT_hash_handle hh;
+};
+
+struct cache_disk {
+    int dir_fd;                 /* DIR; every path used is relative to it, so a
+                                   chdir (fuse_daemonize) changes nothing */
+    int lock_fd;                /* DIR/lock, flock'd while open */
+    uint64_t max_bytes;         /* constant after open */
+    uint64_t temp_counter;      /* atomic: makes temporary names unique */
+
+    pthread_mutex_t lock;       /* protects everything below */
+    uint64_t usage;             /* sizes of the body files in DIR/m */
+    bool evicting;              /* one thread is running evict() */
+    struct owner *owners;       /* uthash on hash */
+};
+
+static void lock_disk(struct cache_disk *disk)
+{
+    int rc = pthread_mutex_lock(&disk->lock);
+    if (rc != 0) {
+        fprintf(stderr, "imapfs: disk cache lock: error %d\n", rc);
+        abort();
+    }
+}
+
+static void unlock_disk(struct cache_disk *disk)
+{
+    pthread_mutex_unlock(&disk->lock);
+}
+
+/* 80 % of max_bytes, without overflowing near UINT64_MAX. */
+static uint64_t low_water(const struct cache_disk *disk)
+{
+    return disk->max_bytes / 10 * 8 + disk->max_bytes % 10 * 8 / 10;
+}
+
+static void usage_subtract_locked(struct cache_disk *disk, uint64_t bytes)
+{
+    disk->usage = bytes > disk->usage ? 0 : disk->usage - bytes;
+}
+
+static void mailbox_rel(char *rel, uint64_t hash)
+{
+    snprintf(rel, REL_MAX, "m/%016" PRIx64, hash);
+}
+
+static void body_rel(char *rel, uint64_t hash, uint32_t uidvalidity, uint32_t uid)
+{
+    snprintf(rel, REL_MAX, "m/%016" PRIx64 "/%" PRIu32 "/%" PRIu32, hash, uidvalidity, uid);
+}
+
+static void uidvalidity_rel(char *rel, uint64_t hash, uint32_t uidvalidity)
+{
+    snprintf(rel, REL_MAX, "m/%016" PRIx64 "/%" PRIu32, hash, uidvalidity);
+}
+
+static void temp_rel(struct cache_disk *disk, char *rel)
+{
+    uint64_t n = __atomic_fetch_add(&disk->temp_counter, 1, __ATOMIC_RELAXED);
+    snprintf(rel, REL_MAX, "tmp/%ld.%" PRIu64, (long)getpid(), n);
+}
+
+/* Names we create in DIR/m: 16 lowercase hex digits (a mailbox), and 1 to 10
+ * decimal digits (a UIDVALIDITY, a UID).  Anything else there is not ours
+ * and is neither counted nor evicted. */
+static bool is_hash_name(const char *name)
+{
+    size_t n = 0;
+    for (; name[n]; n++)
+        if (!((name[n] >= '0' && name[n] <= '9') || (name[n] >= 'a' && name[n] <= 'f')))
+            return false;
+    return n == 16;
+}
+
+static bool is_number_name(const char *name)
+{
+    size_t n = 0;
+    for (; name[n]; n++)
+        if (name[n] < '0' || name[n] > '9')
+            return false;
+    return n >= 1 && n <= 10;
+}
+
+/* ----------------------------------------------------------------- file I/O */
+
+/* Reads or writes all of iov, resuming after short transfers and EINTR.
+ * 0, -errno, or -ENODATA when a read meets the end of the file first. */
+static int transfer_all(int fd, struct iovec *iov, int iovcnt, bool writing)
+{
+    while (iovcnt > 0) {
+        if (iov->iov_len == 0) {
+            iov++;
+            iovcnt--;
+            continue;
+        }
+        ssize_t n = writing ? writev(fd, iov, iovcnt) : readv(fd, iov, iovcnt);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return writing ? -EIO : -ENODATA;
+        size_t done = (size_t)n;
+        while (iovcnt > 0 && done >= iov->iov_len) {
+            done -= iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (iovcnt > 0) {
+            iov->iov_base = (char *)iov->iov_base + done;
+            iov->iov_len -= done;
+        }
+    }
+    return 0;
+}
+
+/* Writes header and payload to a new file in DIR/tmp, its relative path in
+ * temp.  0 or -errno (nothing left behind). */
+static int write_temp(struct cache_disk *disk, uint32_t kind, const void *payload, size_t len,
+                      char *temp)
+{
+    unsigned char header[HEADER_SIZE];
+    encode_header(header, kind, payload, len);
+
+    int fd = -1;
+    /* mkstemp would want a path from the cwd, which fuse_daemonize moves to
+     * "/"; O_CREAT|O_EXCL with a per-process counter is the same guarantee
+     * relative to our directory.  A leftover of the same name can only be
+     * from a crashed process with our pid, so try a few counters. */
+    for (int attempt = 0; attempt < 16 && fd < 0; attempt++) {
+        temp_rel(disk, temp);
+        fd = openat(disk->dir_fd, temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (fd < 0 && errno != EEXIST)
+            return -errno;
+    }
+    if (fd < 0)
+        return -EEXIST;
+
+    struct iovec iov[2] = {
+        {.iov_base = header, .iov_len = HEADER_SIZE},
+        {.iov_base = (void *)payload, .iov_len = len},
+    };
+    int r = 0;
+    /* umask may have taken bits off 0600, never added any: fchmod makes it
+     * exactly 0600 either way. */
+    if (fchmod(fd, 0600) < 0)
+        r = -errno;
+    if (r == 0)
+        r = transfer_all(fd, iov, 2, true);
+    if (close(fd) < 0 && r == 0)
+        r = -errno;
+    if (r != 0)
+        unlinkat(disk->dir_fd, temp, 0);
+    return r;
+}
+
+/* Writes a whole file that is not a body (no byte accounting): temp, then
+ * rename over rel. */
+static int write_file(struct cache_disk *disk, const char *rel, uint32_t kind, const void *payload,
+                      size_t len)
+{
+    char temp[REL_MAX];
+    int r = write_temp(disk, kind, payload, len, temp);
+    if (r != 0)
+        return r;
+    if (renameat(disk->dir_fd, temp, disk->dir_fd, rel) < 0) {
+        r = -errno;
+        unlinkat(disk->dir_fd, temp, 0);
+    }
+    return r;
+}
+
+/* Removes rel if it is still the file that was read (same device and
+ * inode), subtracting its size if it is a body.  locked: the caller holds
+ * the lock already. */
+static void discard(struct cache_disk *disk, const char *rel, const struct stat *read_st,
+                    bool is_body, bool locked)
+{
+    if (!locked)
+        lock_disk(disk);
+    struct stat st;
+    if (fstatat(disk->dir_fd, rel, &st, AT_SYMLINK_NOFOLLOW) == 0 && st.st_dev == read_st->st_dev &&
+        st.st_ino == read_st->st_ino && unlinkat(disk->dir_fd, rel, 0) == 0 && is_body &&
+        S_ISREG(st.st_mode))
+        usage_subtract_locked(disk, (uint64_t)st.st_size);
+    if (!locked)
+        unlock_disk(disk);
+}
+
+/* Reads and checks DIR/rel.  0 with *payload malloc'd (len bytes and a NUL
+ * after them) and *st_out describing the file; -ENOENT if absent or failing
+ * its check (then removed); another -errno if it could not be read.
+ * touch: set its mtime to now (bodies: the LRU order). */
+static int load_file(struct cache_disk *disk, const char *rel, uint32_t kind, bool touch,
+                     bool locked, char **payload, size_t *len, struct stat *st_out)
+{
+    *payload = NULL;
+    *len = 0;
+
+    int fd = openat(disk->dir_fd, rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) {
+        if (errno == ELOOP) {
+            /* Never ours: we only ever rename regular files into place. */
+            struct stat st;
+            if (fstatat(disk->dir_fd, rel, &st, AT_SYMLINK_NOFOLLOW) == 0)
+                discard(disk, rel, &st, false, locked);
+            return -ENOENT;
+        }
+        return errno == ENOENT || errno == ENOTDIR ? -ENOENT : -errno;
+    }
+
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int r = -errno;
+        close(fd);
+        return r;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return -ENOENT;
+    }
+
+    unsigned char header[HEADER_SIZE];
+    char *data = NULL;
+    uint64_t size = (uint64_t)st.st_size;
+    uint64_t length = 0;
+    int r = 0;
+    if (size < HEADER_SIZE || size - HEADER_SIZE > SIZE_MAX - 1)
+        goto corrupt;
+    length = size - HEADER_SIZE;
+    data = malloc(length + 1);
+    if (!data) {
+        close(fd);
+        return -ENOMEM;
+    }
+    struct iovec iov[2] = {
+        {.iov_base = header, .iov_len = HEADER_SIZE},
+        {.iov_base = data, .iov_len = length},
+    };
+    r = transfer_all(fd, iov, 2, false);
+    if (r == -ENODATA)
+        goto corrupt;
+    if (r != 0) {
+        free(data);
+        close(fd);
+        return r;
+    }
+    if (memcmp(header, magic, 4) != 0 || get_u32(header + 4) != FORMAT_VERSION ||
+        get_u32(header + 8) != kind || get_u32(header + 12) != 0 ||
+        get_u64(header + 16) != length || get_u64(header + 24) != checksum(data, length))
+        goto corrupt;
+    data[length] = '\0';
+
+    if (touch)
+        futimens(fd, NULL);     /* failure only costs LRU accuracy */
+    close(fd);
+    *payload = data;
+    *len = length;
+    if (st_out)
+        *st_out = st;
+    return 0;
+
+corrupt:
+    free(data);
+    close(fd);
+    discard(disk, rel, &st, kind == KIND_BODY, locked);
+    return -ENOENT;
+}
+
+/* ------------------------------------------------------ directory walking */
+
+static DIR *open_dir_at(int parent_fd, const char *name)
+{
+    int fd = openat(parent_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    DIR *dir = fdopendir(fd);
+    if (!dir)
+        close(fd);
+    return dir;
+}
+
+/* Calls visit for every body file in DIR/m (regular files named by digits
+ * in directories named by digits in directories named by hashes), with its
+ * path relative to DIR.  Never follows a symlink.  Directories vanishing
+ * meanwhile (a drop) are skipped.  0, -errno if DIR/m cannot be read, or
+ * what visit returned when nonzero (which stops the walk). */
+static int walk_bodies(int dir_fd, int (*visit)(void *ctx, const char *rel, const struct stat *st),
+                       void *ctx)
+{
+    DIR *m = open_dir_at(dir_fd, "m");
+    if (!m)
+        return -errno;
+    int r = 0;
+    struct dirent *mailbox_entry;
+    while (r == 0 && (mailbox_entry = readdir(m))) {
+        if (!is_hash_name(mailbox_entry->d_name))
+            continue;
+        DIR *mailbox = open_dir_at(dirfd(m), mailbox_entry->d_name);
+        if (!mailbox)
+            continue;
+        struct dirent *uidvalidity_entry;
+        while (r == 0 && (uidvalidity_entry = readdir(mailbox))) {
+            if (!is_number_name(uidvalidity_entry->d_name))
+                continue;
+            DIR *uidvalidity = open_dir_at(dirfd(mailbox), uidvalidity_entry->d_name);
+            if (!uidvalidity)
+                continue;
+            struct dirent *body_entry;
+            while (r == 0 && (body_entry = readdir(uidvalidity))) {
+                if (!is_number_name(body_entry->d_name))
+                    continue;
+                if (body_entry->d_type != DT_REG && body_entry->d_type != DT_UNKNOWN)
+                    continue;
+                struct stat st;
+                if (fstatat(dirfd(uidvalidity), body_entry->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+                    !S_ISREG(st.st_mode))
+                    continue;
+                /* The names were checked: 16, at most 10 and 10 characters. */
+                char rel[REL_MAX];
+                snprintf(rel, sizeof rel, "m/%.16s/%.10s/%.10s", mailbox_entry->d_name,
+                         uidvalidity_entry->d_name, body_entry->d_name);
+                r = visit(ctx, rel, &st);
+            }
+            closedir(uidvalidity);
+        }
+        closedir(mailbox);
+    }
+    closedir(m);
+    return r;
+}
+
+/* What a directory being removed is, for counting its bodies. */
+enum tree_role {
+    ROLE_PLAIN,         /* nothing counted */
+    ROLE_MAILBOX,       /* a DIR/m/HASH: its digit-named directories hold bodies */
+    ROLE_UIDVALIDITY,   /* digit-named regular files are bodies */
+};
+
+/* Deep enough for anything we create (a mailbox is three levels); a deeper
+ * tree is not ours and is left alone rather than risking the stack. */
+#define REMOVE_DEPTH_MAX 8
+
+/* Removes everything inside the directory fd (taken over and closed),
+ * never following a symlink, adding body sizes to *body_bytes.  Entries are
+ * read again until none are left, because whether a readdir in progress
+ * sees past entries removed under it is unspecified. */
+static void remove_contents(int fd, enum tree_role role, int depth, uint64_t *body_bytes)
+{
+    DIR *dir = fdopendir(fd);
+    if (!dir) {
+        close(fd);
+        return;
+    }
+    for (int pass = 0; pass < 4; pass++) {
+        bool found = false;
+        struct dirent *entry;
+        while ((entry = readdir(dir))) {
+            const char *name = entry->d_name;
+            if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+                continue;
+            found = true;
+            struct stat st;
+            if (fstatat(dirfd(dir), name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                continue;
+            if (S_ISDIR(st.st_mode)) {
+                if (depth >= REMOVE_DEPTH_MAX)
+                    continue;
+                int child = openat(dirfd(dir), name,
+                                   O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+                if (child < 0)
+                    continue;
+                enum tree_role child_role =
+                    role == ROLE_MAILBOX && is_number_name(name) ? ROLE_UIDVALIDITY : ROLE_PLAIN;
+                remove_contents(child, child_role, depth + 1, body_bytes);
+                unlinkat(dirfd(dir), name, AT_REMOVEDIR);
+            } else if (unlinkat(dirfd(dir), name, 0) == 0 && role == ROLE_UIDVALIDITY &&
+                       S_ISREG(st.st_mode) && is_number_name(name) && body_bytes) {
+                *body_bytes += (uint64_t)st.st_size;
+            }
+        }
+        if (!found)
+            break;
+        rewinddir(dir);
+    }
+    closedir(dir);
+}
+
+/* Removes DIR/rel, a directory, and everything in it. */
+static void remove_tree(struct cache_disk *disk, const char *rel, enum tree_role role,
+                        uint64_t *body_bytes)
+{
+    int fd = openat(disk->dir_fd, rel, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        unlinkat(disk->dir_fd, rel, 0);     /* a file or a symlink: just the name */
+        return;
+    }
+    remove_contents(fd, role, 1, body_bytes);
+    unlinkat(disk->dir_fd, rel, AT_REMOVEDIR);
+}
+
+/* Moves DIR/m/HASH out of the way into DIR/tmp, where no load, save or
+ * eviction will look for its files.  Caller holds the lock.  1 and the new
+ * name in detached, 0 if there was nothing, or -errno. */
+static int detach_mailbox_locked(struct cache_disk *disk, uint64_t hash, char *detached)
+{
+    char rel[REL_MAX];
+    mailbox_rel(rel, hash);
+    temp_rel(disk, detached);
+    if (renameat(disk->dir_fd, rel, disk->dir_fd, detached) == 0)
+        return 1;
+    return errno == ENOENT ? 0 : -errno;
+}
+
+/* Removes a detached mailbox directory and takes its bodies off the count.
+ * Called without the lock. */
+static void remove_detached(struct cache_disk *disk, const char *detached)
+{
+    uint64_t bytes = 0;
+    remove_tree(disk, detached, ROLE_MAILBOX, &bytes);
+    lock_disk(disk);
+    usage_subtract_locked(disk, bytes);
+    unlock_disk(disk);
+}
+
+/* ------------------------------------------------------------ ownership */
+
+enum ownership { OWNED_BY_NOBODY, OWNED_BY_MAILBOX, OWNED_BY_OTHER };
+
+static void forget_owner_locked(struct cache_disk *disk, uint64_t hash)
+{
+    struct owner *owner;
+    HASH_FIND(hh, disk->owners, &hash, sizeof hash, owner);
+    if (owner) {
+        HASH_DEL(disk->owners, owner);
+        free(owner->mailbox);
+        free(owner);
+    }
+}
+
+/* Records that DIR/m/HASH belongs to mailbox (taken over).  Out of memory
+ * only means the name file is read again next time. */
+static void remember_owner_locked(struct cache_disk *disk, uint64_t hash, char *mailbox)
+{
+    forget_owner_locked(disk, hash);
+    struct owner *owner = malloc(sizeof *owner);
+    if (!owner) {
+        free(mailbox);
+        return;
+    }
+    owner->hash = hash;
+    owner->mailbox = mailbox;
+    HASH_ADD(hh, disk->owners, hash, sizeof owner->hash, owner);
+    if (!owner->hh.tbl) {
+        free(owner->mailbox);
+        free(owner);
+    }
+}
+
+/* Whose DIR/m/HASH is: from memory, else from its name file (a directory
+ * without a valid name file belongs to nobody).  Caller holds the lock: the
+ * name file is only ever written under it, and only once per mailbox. */
+static enum ownership ownership_locked(struct cache_disk *disk, uint64_t hash, const char *mailbox)
+{
+    struct owner *owner;
+    HASH_FIND(hh, disk->owners, &hash, sizeof hash, owner);
+    if (owner)
+        return strcmp(owner->mailbox, mailbox) == 0 ? OWNED_BY_MAILBOX : OWNED_BY_OTHER;
+
+    char rel[REL_MAX];
+    snprintf(rel, sizeof rel, "m/%016" PRIx64 "/name", hash);
+    char *name;
+    size_t len;
+    if (load_file(disk, rel, KIND_NAME, false, true, &name, &len, NULL) != 0)
+        return OWNED_BY_NOBODY;
+    if (len == 0 || memchr(name, '\0', len)) {
+        free(name);
+        return OWNED_BY_NOBODY;
+    }
+    enum ownership result = strcmp(name, mailbox) == 0 ? OWNED_BY_MAILBOX : OWNED_BY_OTHER;
+    remember_owner_locked(disk, hash, name);
+    return result;
+}
+
+static bool owned(struct cache_disk *disk, uint64_t hash, const char *mailbox)
+{
+    lock_disk(disk);
+    enum ownership result = ownership_locked(disk, hash, mailbox);
+    unlock_disk(disk);
+    return result == OWNED_BY_MAILBOX;
+}
+
+/* Makes DIR/m/HASH mailbox's directory: if it is someone else's (a hash
+ * collision) or nobody's (a name file never written, or torn), what is in it
+ * is removed and a new one made with mailbox's name file.  0 or -errno. */
+static int claim_mailbox(struct cache_disk *disk, uint64_t hash, const char *mailbox)
+{
+    char rel[REL_MAX], name_rel[REL_MAX], detached[REL_MAX];
+    mailbox_rel(rel, hash);
+    snprintf(name_rel, sizeof name_rel, "m/%016" PRIx64 "/name", hash);
+
+    lock_disk(disk);
+    if (ownership_locked(disk, hash, mailbox) == OWNED_BY_MAILBOX) {
+        unlock_disk(disk);
+        return 0;
+    }
+    forget_owner_locked(disk, hash);
+    int r = detach_mailbox_locked(disk, hash, detached);
+    bool was_detached = r == 1;
+    if (r >= 0) {
+        r = 0;
+        if (mkdirat(disk->dir_fd, rel, 0700) < 0 && errno != EEXIST)
+            r = -errno;
+    }
+    if (r == 0)
+        r = write_file(disk, name_rel, KIND_NAME, mailbox, strlen(mailbox));
+    if (r == 0) {
+        char *copy = strdup(mailbox);
+        if (copy)
+            remember_owner_locked(disk, hash, copy);
+    }
+    unlock_disk(disk);
+
+    if (was_detached)
+        remove_detached(disk, detached);
+    return r;
+}
+
+/* -------------------------------------------------------------- eviction */
+
+struct victim {
+    struct timespec mtime;
+    uint64_t size;
+    dev_t dev;
+    ino_t ino;
+    char rel[REL_MAX];
+};
+
+struct victims {
+    struct victim *items;
+    size_t count, capacity;
+};
+
+static int collect_victim(void *ctx, const char *rel, const struct stat *st)
+{
+    struct victims *victims = ctx;
+    if (victims->count == victims->capacity) {
+        size_t capacity = victims->capacity ? victims->capacity * 2 : 1024;
+        struct victim *items = reallocarray(victims->items, capacity, sizeof *items);
+        if (!items)
+            return -ENOMEM;
+        victims->items = items;
+        victims->capacity = capacity;
+    }
+    struct victim *victim = &victims->items[victims->count++];
+    victim->mtime = st->st_mtim;
+    victim->size = (uint64_t)st->st_size;
+    victim->dev = st->st_dev;
+    victim->ino = st->st_ino;
+    snprintf(victim->rel, sizeof victim->rel, "%s", rel);
+    return 0;
+}
+
+static int compare_victims(const void *a, const void *b)
+{
+    const struct victim *x = a, *y = b;
+    if (x->mtime.tv_sec != y->mtime.tv_sec)
+        return x->mtime.tv_sec < y->mtime.tv_sec ? -1 : 1;
+    if (x->mtime.tv_nsec != y->mtime.tv_nsec)
+        return x->mtime.tv_nsec < y->mtime.tv_nsec ? -1 : 1;
+    return strcmp(x->rel, y->rel);
+}
+
+/* One pass: removes least recently used bodies until the count is at 80 %
+ * of max_bytes (all of them when max_bytes is 0).  Returns how many it
+ * removed. */
+static size_t evict_pass(struct cache_disk *disk)
+{
+    struct victims victims = {0};
+    uint64_t target = low_water(disk);
+    size_t removed = 0;
+
+    /* On out of memory mid-walk, evict from what was collected. */
+    walk_bodies(disk->dir_fd, collect_victim, &victims);
+    if (victims.count > 1)
+        qsort(victims.items, victims.count, sizeof *victims.items, compare_victims);
+
+    for (size_t i = 0; i < victims.count; i++) {
+        const struct victim *victim = &victims.items[i];
+        lock_disk(disk);
+        if (disk->usage <= target) {
+            unlock_disk(disk);
+            break;
+        }
+        struct stat st;
+        if (fstatat(disk->dir_fd, victim->rel, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            S_ISREG(st.st_mode) && st.st_dev == victim->dev && st.st_ino == victim->ino &&
+            st.st_mtim.tv_sec == victim->mtime.tv_sec &&
+            st.st_mtim.tv_nsec == victim->mtime.tv_nsec &&
+            unlinkat(disk->dir_fd, victim->rel, 0) == 0) {
+            usage_subtract_locked(disk, (uint64_t)st.st_size);
+            removed++;
+        }
+        unlock_disk(disk);
+    }
+    free(victims.items);
+    return removed;
+}
+
+/* Evicts until the count is within max_bytes.  The caller has set
+ * disk->evicting, and saves meanwhile leave the work to us; so the check
+ * that clears the flag is made under the lock together with it, and if
+ * those saves took the count over the limit again, another pass runs.  A
+ * pass that removes nothing (every body in use, or unremovable) ends it;
+ * the next save tries again. */
+static void evict(struct cache_disk *disk)
+{
+    for (;;) {
+        size_t removed = evict_pass(disk);
+        lock_disk(disk);
+        if (disk->usage <= disk->max_bytes || removed == 0) {
+            disk->evicting = false;
+            unlock_disk(disk);
+            return;
+        }
+        unlock_disk(disk);
+    }
+}
+
+/* ------------------------------------------------------------------ open */
+
+static int add_usage(void *ctx, const char *rel, const struct stat *st)
+{
+    (void)rel;
+    *(uint64_t *)ctx += (uint64_t)st->st_size;
+    return 0;
+}
+
+/* mkdir -p with 0700 for whatever is missing; existing parents are left as
+ * they are.  0 or -errno. */
+static int make_dirs(const char *path)
+{
+    char *copy = strdup(path);
+    if (!copy)
+        return -ENOMEM;
+    int r = 0;
+    for (char *p = copy + 1; ; p++) {
+        if (*p != '/' && *p != '\0')
+            continue;
+        char saved = *p;
+        *p = '\0';
+        if (mkdir(copy, 0700) < 0 && errno != EEXIST) {
+            r = -errno;
+            break;
+        }
+        *p = saved;
+        if (saved == '\0')
+            break;
+    }
+    free(copy);
+    return r;
+}
+
+static int make_subdir(int dir_fd, const char *name)
+{
+    if (mkdirat(dir_fd, name, 0700) < 0 && errno != EEXIST)
+        return -errno;
+    /* Must be a real directory, not a symlink left by someone. */
+    int fd = openat(dir_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    close(fd);
+    return 0;
+}
+
+struct cache_disk *cache_disk_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen)
+{
+    char scratch[1];
+    if (!err || errlen == 0) {
+        err = scratch;
+        errlen = sizeof scratch;
+    }
+    err[0] = '\0';
+    if (!dir || !*dir) {
+        snprintf(err, errlen, "no cache directory given");
+        return NULL;
+    }
+
+    int r = make_dirs(dir);
+    if (r != 0) {
+        snprintf(err, errlen, "cannot create the cache directory %s: %s", dir, strerror(-r));
+        return NULL;
+    }
+    int dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir_fd < 0) {
+        snprintf(err, errlen, "cannot open the cache directory %s: %s", dir, strerror(errno));
+        return NULL;
+    }
+    /* Checked on what was opened, so a symlink to a directory is judged by
+     * the directory. */
+    struct stat st;
+    if (fstat(dir_fd, &st) < 0) {
+        snprintf(err, errlen, "cannot examine the cache directory %s: %s", dir, strerror(errno));
+        close(dir_fd);
+        return NULL;
+    }
+    if (st.st_uid != geteuid()) {
+        snprintf(err, errlen,
+                 "the cache directory %s belongs to uid %u, not to you (uid %u); "
+                 "choose a directory of your own",
+                 dir, (unsigned)st.st_uid, (unsigned)geteuid());
+        close(dir_fd);
+        return NULL;
+    }
+    if (st.st_mode & 077) {
+        snprintf(err, errlen,
+                 "the cache directory %s is open to group or others (mode %04o); "
+                 "it holds your mail: chmod 700 it",
+                 dir, (unsigned)(st.st_mode & 07777));
+        close(dir_fd);
+        return NULL;
+    }
+
+    int lock_fd = openat(dir_fd, "lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (lock_fd < 0) {
+        snprintf(err, errlen, "cannot create %s/lock: %s", dir, strerror(errno));
+        close(dir_fd);
+        return NULL;
+    }
+    if (flock(lock_fd, LOCK_EX | LOCK_NB) < 0) {
+        if (errno == EWOULDBLOCK)
+            snprintf(err, errlen, "the cache directory %s is in use by another imapfs", dir);
+        else
+            snprintf(err, errlen, "cannot lock %s/lock: %s", dir, strerror(errno));
+        close(lock_fd);
+        close(dir_fd);
+        return NULL;
+    }
+
+    const char *subdir = "m";
+    r = make_subdir(dir_fd, subdir);
+    if (r == 0) {
+        subdir = "tmp";
+        r = make_subdir(dir_fd, subdir);
+    }
+    if (r != 0) {
+        snprintf(err, errlen, "cannot create %s/%s: %s", dir, subdir, strerror(-r));
+        close(lock_fd);
+        close(dir_fd);
+        return NULL;
+    }
+
+    struct cache_disk *disk = calloc(1, sizeof *disk);
+    if (!disk || pthread_mutex_init(&disk->lock, NULL) != 0) {
+        snprintf(err, errlen, "out of memory");
+        free(disk);
+        close(lock_fd);
+        close(dir_fd);
+        return NULL;
+    }
+    disk->dir_fd = dir_fd;
+    disk->lock_fd = lock_fd;
+    disk->max_bytes = max_bytes;
+
+    /* Temporary files and detached mailboxes of an earlier run that ended
+     * before renaming or removing them. */
+    int tmp_fd = openat(dir_fd, "tmp", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (tmp_fd >= 0)
+        remove_contents(tmp_fd, ROLE_PLAIN, 1, NULL);
+
+    uint64_t usage = 0;
+    r = walk_bodies(dir_fd, add_usage, &usage);
+    if (r != 0) {
+        snprintf(err, errlen, "cannot read %s/m: %s", dir, strerror(-r));
+        cache_disk_close(disk);
+        return NULL;
+    }
+    disk->usage = usage;
+    /* A smaller limit than last time, or 0: keep what the limit says now. */
+    if (usage > max_bytes) {
+        disk->evicting = true;
+        evict(disk);
+    }
+    return disk;
+}
+
+void cache_disk_close(struct cache_disk *disk)
+{
+    if (!disk)
+        return;
+    struct owner *owner, *next;
+    HASH_ITER(hh, disk->owners, owner, next) {
+        HASH_DEL(disk->owners, owner);
+        free(owner->mailbox);
+        free(owner);
+    }
+    pthread_mutex_destroy(&disk->lock);
+    close(disk->lock_fd);   /* releases the flock */
+    close(disk->dir_fd);
+    free(disk);
+}
+
+/* ---------------------------------------------------------------- bodies */
+
+int cache_disk_body_load(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
+                         uint32_t uid, char **data, size_t *len)
+{
+    *data = NULL;
+    *len = 0;
+    if (disk->max_bytes == 0)
+        return -ENOENT;
+    uint64_t hash = mailbox_hash(mailbox);
+    if (!owned(disk, hash, mailbox))
+        return -ENOENT;
+    char rel[REL_MAX];
+    body_rel(rel, hash, uidvalidity, uid);
+    return load_file(disk, rel, KIND_BODY, true, false, data, len, NULL);
+}
+
+/* Renames the finished temp file over DIR/rel and counts it, less whatever
+ * body it replaced.  Caller holds the lock.  *evict_now: this save took the
+ * count over the limit and no one is evicting yet. */
+static int install_body_locked(struct cache_disk *disk, const char *temp, const char *rel,
+                               uint64_t file_size, bool *evict_now)
+{
+    uint64_t replaced = 0;
+    struct stat st;
+    if (fstatat(disk->dir_fd, rel, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode))
+        replaced = (uint64_t)st.st_size;
+    if (renameat(disk->dir_fd, temp, disk->dir_fd, rel) < 0)
+        return -errno;
+    usage_subtract_locked(disk, replaced);
+    disk->usage += file_size;
+    if (disk->usage > disk->max_bytes && !disk->evicting) {
+        disk->evicting = true;
+        *evict_now = true;
+    }
+    return 0;
+}
+
+int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
+                         uint32_t uid, const char *data, size_t len)
+{
+    /* A body bigger than 80 % of the limit would push out every other body,
+     * then itself: keeping it costs more than fetching it again. */
+    if (len > SIZE_MAX - HEADER_SIZE || HEADER_SIZE + (uint64_t)len > low_water(disk))
+        return 0;
+
+    uint64_t hash = mailbox_hash(mailbox);
+    char rel[REL_MAX], uidvalidity_dir[REL_MAX], temp[REL_MAX];
+    body_rel(rel, hash, uidvalidity, uid);
+    uidvalidity_rel(uidvalidity_dir, hash, uidvalidity);
+
+    int r = write_temp(disk, KIND_BODY, data, len, temp);
+    if (r != 0)
+        return r;
+
+    bool evict_now = false;
+    /* Usually the first attempt succeeds.  The first body of a UIDVALIDITY
+     * needs its directory made; a drop of the same mailbox meanwhile needs
+     * the mailbox claimed again, then the directory made. */
+    for (int attempt = 0; attempt < 4; attempt++) {
+        r = claim_mailbox(disk, hash, mailbox);
+        if (r != 0)
+            break;
+        lock_disk(disk);
+        r = install_body_locked(disk, temp, rel, HEADER_SIZE + (uint64_t)len, &evict_now);
+        unlock_disk(disk);
+        if (r != -ENOENT)
+            break;
+        if (mkdirat(disk->dir_fd, uidvalidity_dir, 0700) < 0) {
+            if (errno == ENOENT) {
+                /* The mailbox directory is gone: claim it again. */
+                lock_disk(disk);
+                forget_owner_locked(disk, hash);
+                unlock_disk(disk);
+            } else if (errno != EEXIST) {
+                r = -errno;
+                break;
+            }
+        }
+    }
+    if (r != 0) {
+        unlinkat(disk->dir_fd, temp, 0);
+        return r;
+    }
+    if (evict_now)
+        evict(disk);
+    return 0;
+}
+
+int cache_disk_body_present(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
+                            uint32_t uid)
+{
+    if (disk->max_bytes == 0)
+        return 0;
+    uint64_t hash = mailbox_hash(mailbox);
+    if (!owned(disk, hash, mailbox))
+        return 0;
+    char rel[REL_MAX];
+    body_rel(rel, hash, uidvalidity, uid);
+    struct stat st;
+    return fstatat(disk->dir_fd, rel, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode);
+}
+
+void cache_disk_drop_mailbox(struct cache_disk *disk, const char *mailbox)
+{
+    uint64_t hash = mailbox_hash(mailbox);
+    char detached[REL_MAX];
+
+    lock_disk(disk);
+    /* A directory naming another mailbox is that one's cache, not ours to
+     * drop; one naming nobody is debris and goes too. */
+    if (ownership_locked(disk, hash, mailbox) == OWNED_BY_OTHER) {
+        unlock_disk(disk);
+        return;
+    }
+    forget_owner_locked(disk, hash);
+    int detached_now = detach_mailbox_locked(disk, hash, detached);
+    unlock_disk(disk);
+
+    if (detached_now == 1)
+        remove_detached(disk, detached);
+}
+
+uint64_t cache_disk_usage(struct cache_disk *disk)
+{
+    lock_disk(disk);
+    uint64_t usage = disk->usage;
+    unlock_disk(disk);
+    return usage;
+}
+
+/* --------------------------------------------------------------- listings */
+
+/* Payload: u32 uidvalidity, u32 uidnext, u64 highestmodseq, u64 count, then
+ * count times: u32 uid, u32 flags, u64 size, i64 internaldate, u32 keyword
+ * length, the keywords (no NUL; length 0 for none). */
+int cache_disk_listing_save(struct cache_disk *disk, const char *mailbox,
+                            const struct cache_disk_listing *listing)
+{
+    if (listing->count && !listing->messages)
+        return -EINVAL;
+    uint64_t total = LISTING_HEAD;
+    for (size_t i = 0; i < listing->count; i++) {
+        const struct cache_message *message = &listing->messages[i];
+        /* What cache_folder_set_messages accepts, and load checks. */
+        if (i > 0 && message->uid <= listing->messages[i - 1].uid)
+            return -EINVAL;
+        size_t keywords = message->keywords ? strlen(message->keywords) : 0;
+        if (keywords > UINT32_MAX)
+            return -E2BIG;
+        total += LISTING_ENTRY_MIN + (uint64_t)keywords;
+    }
+    if (total > SIZE_MAX)
+        return -E2BIG;
+
+    unsigned char *payload = malloc((size_t)total);
+    if (!payload)
+        return -ENOMEM;
+    unsigned char *p = payload;
+    put_u32(p, listing->uidvalidity);
+    put_u32(p + 4, listing->uidnext);
+    put_u64(p + 8, listing->highestmodseq);
+    put_u64(p + 16, listing->count);
+    p += LISTING_HEAD;
+    for (size_t i = 0; i < listing->count; i++) {
+        const struct cache_message *message = &listing->messages[i];
+        size_t keywords = message->keywords ? strlen(message->keywords) : 0;
+        put_u32(p, message->uid);
+        put_u32(p + 4, message->flags);
+        put_u64(p + 8, message->size);
+        put_u64(p + 16, (uint64_t)message->internaldate);
+        put_u32(p + 24, (uint32_t)keywords);
+        if (keywords)
+            memcpy(p + LISTING_ENTRY_MIN, message->keywords, keywords);
+        p += LISTING_ENTRY_MIN + keywords;
+    }
+
+    uint64_t hash = mailbox_hash(mailbox);
+    char rel[REL_MAX];
+    snprintf(rel, sizeof rel, "m/%016" PRIx64 "/listing", hash);
+    int r = claim_mailbox(disk, hash, mailbox);
+    if (r == 0)
+        r = write_file(disk, rel, KIND_LISTING, payload, (size_t)total);
+    free(payload);
+    return r;
+}
+
+static void free_messages(struct cache_message *messages, size_t count)
+{
+    for (size_t i = 0; i < count; i++)
+        free(messages[i].keywords);
+    free(messages);
+}
+
+/* Parses a listing payload.  0, -EBADMSG if it is not one, -ENOMEM. */
+static int parse_listing(const unsigned char *p, size_t left, struct cache_disk_listing *listing)
+{
+    if (left < LISTING_HEAD)
+        return -EBADMSG;
+    uint32_t uidvalidity = get_u32(p), uidnext = get_u32(p + 4);
+    uint64_t highestmodseq = get_u64(p + 8), count = get_u64(p + 16);
+    p += LISTING_HEAD;
+    left -= LISTING_HEAD;
+    if (count > left / LISTING_ENTRY_MIN)
+        return -EBADMSG;
+
+    struct cache_message *messages = calloc(count ? (size_t)count : 1, sizeof *messages);
+    if (!messages)
+        return -ENOMEM;
+    int r = 0;
+    size_t i;
+    for (i = 0; i < count; i++) {
+        if (left < LISTING_ENTRY_MIN) {
+            r = -EBADMSG;
+            break;
+        }
+        struct cache_message *message = &messages[i];
+        message->uid = get_u32(p);
+        message->flags = get_u32(p + 4);
+        message->size = get_u64(p + 8);
+        message->internaldate = (int64_t)get_u64(p + 16);
+        uint32_t keywords = get_u32(p + 24);
+        p += LISTING_ENTRY_MIN;
+        left -= LISTING_ENTRY_MIN;
+        if (keywords > left || (i > 0 && message->uid <= messages[i - 1].uid) ||
+            memchr(p, '\0', keywords)) {
+            r = -EBADMSG;
+            break;
+        }
+        if (keywords) {
+            message->keywords = strndup((const char *)p, keywords);
+            if (!message->keywords) {
+                r = -ENOMEM;
+                break;
+            }
+        }
+        p += keywords;
+        left -= keywords;
+    }
+    if (r == 0 && left != 0)
+        r = -EBADMSG;
+    if (r != 0) {
+        free_messages(messages, i);
+        return r;
+    }
+    listing->uidvalidity = uidvalidity;
+    listing->uidnext = uidnext;
+    listing->highestmodseq = highestmodseq;
+    listing->messages = messages;
+    listing->count = (size_t)count;
+    return 0;
+}
+
+int cache_disk_listing_load(struct cache_disk *disk, const char *mailbox,
+                            struct cache_disk_listing *listing)
+{
+    memset(listing, 0, sizeof *listing);
+    uint64_t hash = mailbox_hash(mailbox);
+    if (!owned(disk, hash, mailbox))
+        return -ENOENT;
+    char rel[REL_MAX];
+    snprintf(rel, sizeof rel, "m/%016" PRIx64 "/listing", hash);
+    char *payload;
+    size_t len;
+    struct stat st;
+    int r = load_file(disk, rel, KIND_LISTING, false, false, &payload, &len, &st);
+    if (r != 0)
+        return r;
+    r = parse_listing((const unsigned char *)payload, len, listing);
+    free(payload);
+    if (r == -EBADMSG) {
+        /* Checksum right, contents wrong: written by something else. */
+        discard(disk, rel, &st, false, false);
+        return -ENOENT;
+    }
+    return r;
+}
+
+/* ---------------------------------------------------------------- folders */
+
+/* Payload: u64 count, then count times: u8 delimiter, u32 flags, u32 name
+ * length, the name (no NUL). */
+int cache_disk_folders_save(struct cache_disk *disk, const struct cache_disk_folders *folders)
+{
+    if (folders->count && (!folders->mailboxes || !folders->delimiters || !folders->flags))
+        return -EINVAL;
+    uint64_t total = FOLDERS_HEAD;
+    for (size_t i = 0; i < folders->count; i++) {
+        if (!folders->mailboxes[i])
+            return -EINVAL;
+        size_t name = strlen(folders->mailboxes[i]);
+        if (name > UINT32_MAX)
+            return -E2BIG;
+        total += FOLDER_ENTRY_MIN + (uint64_t)name;
+    }
+    if (total > SIZE_MAX)
+        return -E2BIG;
+
+    unsigned char *payload = malloc((size_t)total);
+    if (!payload)
+        return -ENOMEM;
+    unsigned char *p = payload;
+    put_u64(p, folders->count);
+    p += FOLDERS_HEAD;
+    for (size_t i = 0; i < folders->count; i++) {
+        size_t name = strlen(folders->mailboxes[i]);
+        p[0] = (unsigned char)folders->delimiters[i];
+        put_u32(p + 1, (uint32_t)folders->flags[i]);
+        put_u32(p + 5, (uint32_t)name);
+        memcpy(p + FOLDER_ENTRY_MIN, folders->mailboxes[i], name);
+        p += FOLDER_ENTRY_MIN + name;
+    }
+    int r = write_file(disk, "folders", KIND_FOLDERS, payload, (size_t)total);
+    free(payload);
+    return r;
+}
+
+void cache_disk_folders_free(struct cache_disk_folders *folders)
+{
+    if (!folders)
+        return;
+    if (folders->mailboxes)
+        for (size_t i = 0; i < folders->count; i++)
+            free(folders->mailboxes[i]);
+    free(folders->mailboxes);
+    free(folders->delimiters);
+    free(folders->flags);
+    memset(folders, 0, sizeof *folders);
+}
+
+/* Parses a folders payload into folders.  0, -EBADMSG, -ENOMEM; on failure
+ * folders is left empty. */
+static int parse_folders(const unsigned char *p, size_t left, struct cache_disk_folders *folders)
+{
+    if (left < FOLDERS_HEAD)
+        return -EBADMSG;
+    uint64_t count = get_u64(p);
+    p += FOLDERS_HEAD;
+    left -= FOLDERS_HEAD;
+    if (count > left / FOLDER_ENTRY_MIN)
+        return -EBADMSG;
+
+    size_t n = count ? (size_t)count : 1;
+    folders->mailboxes = calloc(n, sizeof *folders->mailboxes);
+    folders->delimiters = calloc(n, sizeof *folders->delimiters);
+    folders->flags = calloc(n, sizeof *folders->flags);
+    folders->count = 0;
+    if (!folders->mailboxes || !folders->delimiters || !folders->flags) {
+        cache_disk_folders_free(folders);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < count; i++) {
+        if (left < FOLDER_ENTRY_MIN)
+            goto bad;
+        char delimiter = (char)p[0];
+        uint32_t flags = get_u32(p + 1), name = get_u32(p + 5);
+        p += FOLDER_ENTRY_MIN;
+        left -= FOLDER_ENTRY_MIN;
+        if (name > left || memchr(p, '\0', name))
+            goto bad;
+        char *mailbox = strndup((const char *)p, name);
+        if (!mailbox) {
+            cache_disk_folders_free(folders);
+            return -ENOMEM;
+        }
+        folders->mailboxes[i] = mailbox;
+        folders->delimiters[i] = delimiter;
+        folders->flags[i] = flags;
+        folders->count = i + 1;
+        p += name;
+        left -= name;
+    }
+    if (left != 0)
+        goto bad;
+    return 0;
+
+bad:
+    cache_disk_folders_free(folders);
+    return -EBADMSG;
+}
+
+int cache_disk_folders_load(struct cache_disk *disk, struct cache_disk_folders *folders)
+{
+    memset(folders, 0, sizeof *folders);
+    char *payload;
+    size_t len;
+    struct stat st;
+    int r = load_file(disk, "folders", KIND_FOLDERS, false, false, &payload, &len, &st);
+    if (r != 0)
+        return r;
+    r = parse_folders((const unsigned char *)payload, len, folders);
+    free(payload);
+    if (r == -EBADMSG) {
+        discard(disk, "folders", &st, false, false);
+        return -ENOENT;
+    }
+    return r;
+}

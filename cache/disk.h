@@ -1,0 +1,74 @@
+/* cache/disk.h — the persistent cache: message bodies and folder listings
+ * on disk, so a remount lists at once, a warm grep -r after a remount
+ * fetches nothing unchanged, and a mount without a server can still show
+ * what was cached.
+ *
+ * Layout under DIR (0700, files 0600):
+ *   DIR/m/HASH/name                the mailbox name (HASH = FNV-1a of it)
+ *   DIR/m/HASH/listing             the UID table, UIDVALIDITY, HIGHESTMODSEQ
+ *   DIR/m/HASH/UIDVALIDITY/UID     one message body
+ *   DIR/folders                    the last LIST
+ * Every file is written to DIR/tmp and renamed into place, and starts with
+ * a header holding its length and a checksum of its contents: a file torn
+ * by a crash fails the check and is treated as absent (and removed), so no
+ * fsync is needed per body and nothing torn is ever served.
+ *
+ * Bodies are bounded by max_bytes: past it, the least recently used (file
+ * mtime, touched on every load) are removed down to 80 % of it.
+ * Thread-safe: one internal lock, held only for bookkeeping, never for I/O
+ * of message data. */
+#ifndef CACHE_DISK_H
+#define CACHE_DISK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cache/cache.h"
+
+struct cache_disk;
+
+/* Opens (creating 0700 directories) the cache in dir.  NULL with a sentence
+ * in err when it cannot be used (a dir not owned by us, or group/world
+ * accessible, is refused). */
+struct cache_disk *cache_disk_open(const char *dir, uint64_t max_bytes, char *err, size_t errlen);
+void cache_disk_close(struct cache_disk *disk);
+
+/* 0 and a malloc'd body, or -ENOENT (absent or failed its check). */
+int cache_disk_body_load(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
+                         uint32_t uid, char **data, size_t *len);
+int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
+                         uint32_t uid, const char *data, size_t len);
+/* Nonzero if the body is on disk (no check of its contents). */
+int cache_disk_body_present(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
+                            uint32_t uid);
+/* Forget everything about a mailbox (UIDVALIDITY changed, or deleted). */
+void cache_disk_drop_mailbox(struct cache_disk *disk, const char *mailbox);
+
+/* A folder's UID table.  load: *messages malloc'd (keywords too). */
+struct cache_disk_listing {
+    uint32_t uidvalidity, uidnext;
+    uint64_t highestmodseq;
+    struct cache_message *messages;
+    size_t count;
+};
+int cache_disk_listing_save(struct cache_disk *disk, const char *mailbox,
+                            const struct cache_disk_listing *listing);
+int cache_disk_listing_load(struct cache_disk *disk, const char *mailbox,
+                            struct cache_disk_listing *listing);
+
+/* The folder list: parallel arrays, as LIST gave them.  load: all malloc'd;
+ * free with cache_disk_folders_free. */
+struct cache_disk_folders {
+    char **mailboxes;
+    char *delimiters;
+    unsigned *flags;
+    size_t count;
+};
+int cache_disk_folders_save(struct cache_disk *disk, const struct cache_disk_folders *folders);
+int cache_disk_folders_load(struct cache_disk *disk, struct cache_disk_folders *folders);
+void cache_disk_folders_free(struct cache_disk_folders *folders);
+
+/* Bytes of bodies on disk now. */
+uint64_t cache_disk_usage(struct cache_disk *disk);
+
+#endif
