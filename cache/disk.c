@@ -29,17 +29,19 @@
  * inode, so two threads saving the same body, or a load removing a torn file
  * another thread has just replaced, cannot make the count drift.  Those are
  * metadata calls of a few microseconds; the bodies themselves are written and
- * read outside the lock.  Dropping a mailbox renames its directory into
- * DIR/tmp under the lock (after which no one can find its files) and removes
- * it outside.
+ * read outside the lock.  The lock is also held the first time a mailbox is
+ * used in a mount, while its name file is read or written, so two threads
+ * cannot claim one directory for two names.  Dropping a mailbox renames its
+ * directory into DIR/tmp under the lock (after which no one can find its
+ * files) and removes it outside.
  *
  * Eviction walks DIR/m without the lock, collecting (mtime, size, inode,
  * path) of every body, sorts oldest first, and removes them one at a time
  * under the lock until the total is at 80 % of max_bytes, skipping any whose
  * inode or mtime changed since the walk (replaced, or loaded meanwhile).
  * Only one thread evicts at a time, in the save that crossed the limit; the
- * 80 % hysteresis makes that once per fifth of max_bytes written, and a walk
- * of 100,000 bodies takes a fraction of a second.
+ * 80 % hysteresis makes that once per fifth of max_bytes written, and the
+ * whole eviction of 110,000 bodies took about 0.2 s (warm, ext4).
  *
  * One process per directory: opening empties DIR/tmp and counts the bodies,
  * which would break another process's writes and count, so DIR/lock is held
@@ -130,33 +132,60 @@ static uint64_t get_u64(const unsigned char *p)
     return v;
 }
 
+static uint64_t mix_word(uint64_t h, uint64_t word)
+{
+    h ^= word;
+    h *= FNV_PRIME;
+    return h ^ (h >> 32);
+}
+
+static uint64_t load_word(const unsigned char *p)
+{
+    uint64_t word;
+    memcpy(&word, p, 8);
+    return le64toh(word);
+}
+
 /* FNV-1a over 64-bit words instead of bytes: byte-wise FNV-1a is one
- * multiply per byte, under 1 GB/s, slower than the disk.  A multiply by the
- * FNV prime only carries bits upwards, so each step also folds the high half
- * back down; every step is a bijection of the state for a given word, so any
- * change confined to one word always changes the result.  The final mix
- * (MurmurHash3's fmix64) spreads the last words over all bits. */
+ * multiply per byte, 0.7 GB/s, slower than reading the file.  A multiply by
+ * the FNV prime only carries bits upwards, so each step also folds the high
+ * half back down.  Four lanes take every fourth word of each 32-byte stripe,
+ * so four multiplies are in flight at once (2.1 GB/s with one lane, 4.1
+ * with four, measured), and are then folded into one with the same step.
+ *
+ * Every step is a bijection of the state for a given word, and so is every
+ * fold for a given lane, so any change confined to one word always changes
+ * the result; the length is mixed in as well, and MurmurHash3's fmix64
+ * spreads the last words over all bits.
+ *
+ * Payload layout: stripes of 32 bytes (words 0-3 to lanes 0-3), then the
+ * lanes folded in order, then the remaining whole words, then the last 0-7
+ * bytes as one word (always, even when empty), all little-endian. */
 static uint64_t checksum(const void *data, size_t len)
 {
     const unsigned char *p = data;
-    uint64_t h = FNV_OFFSET;
+    uint64_t lane0 = FNV_OFFSET, lane1 = FNV_OFFSET ^ 1, lane2 = FNV_OFFSET ^ 2,
+             lane3 = FNV_OFFSET ^ 3;
     size_t left = len;
 
+    while (left >= 32) {
+        lane0 = mix_word(lane0, load_word(p));
+        lane1 = mix_word(lane1, load_word(p + 8));
+        lane2 = mix_word(lane2, load_word(p + 16));
+        lane3 = mix_word(lane3, load_word(p + 24));
+        p += 32;
+        left -= 32;
+    }
+    uint64_t h = mix_word(mix_word(mix_word(lane0, lane1), lane2), lane3);
     while (left >= 8) {
-        uint64_t word;
-        memcpy(&word, p, 8);
-        h ^= le64toh(word);
-        h *= FNV_PRIME;
-        h ^= h >> 32;
+        h = mix_word(h, load_word(p));
         p += 8;
         left -= 8;
     }
     uint64_t tail = 0;
     for (size_t i = 0; i < left; i++)
         tail |= (uint64_t)p[i] << (8 * i);
-    h ^= tail;
-    h *= FNV_PRIME;
-    h ^= h >> 32;
+    h = mix_word(h, tail);
 
     h ^= (uint64_t)len;
     h ^= h >> 33;
@@ -203,6 +232,7 @@ struct cache_disk {
                                    chdir (fuse_daemonize) changes nothing */
     int lock_fd;                /* DIR/lock, flock'd while open */
     uint64_t max_bytes;         /* constant after open */
+    long pid;                   /* in temporary names; getpid is a system call */
     uint64_t temp_counter;      /* atomic: makes temporary names unique */
 
     pthread_mutex_t lock;       /* protects everything below */
@@ -254,7 +284,7 @@ static void uidvalidity_rel(char *rel, uint64_t hash, uint32_t uidvalidity)
 static void temp_rel(struct cache_disk *disk, char *rel)
 {
     uint64_t n = __atomic_fetch_add(&disk->temp_counter, 1, __ATOMIC_RELAXED);
-    snprintf(rel, REL_MAX, "tmp/%ld.%" PRIu64, (long)getpid(), n);
+    snprintf(rel, REL_MAX, "tmp/%ld.%" PRIu64, disk->pid, n);
 }
 
 /* Names we create in DIR/m: 16 lowercase hex digits (a mailbox), and 1 to 10
@@ -959,6 +989,7 @@ struct cache_disk *cache_disk_open(const char *dir, uint64_t max_bytes, char *er
     disk->dir_fd = dir_fd;
     disk->lock_fd = lock_fd;
     disk->max_bytes = max_bytes;
+    disk->pid = (long)getpid();
 
     /* Temporary files and detached mailboxes of an earlier run that ended
      * before renaming or removing them. */

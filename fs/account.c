@@ -27,6 +27,8 @@
 #include <strings.h>
 #include <time.h>
 
+#include <openssl/crypto.h>
+
 #define BATCH_MESSAGES 64
 #define BATCH_BYTES (4u << 20)
 
@@ -55,8 +57,12 @@ struct inflight {
 };
 
 struct fs_account {
-    struct imap_config config;      /* strings owned below */
-    char *password;
+    struct imap_config config;      /* its password points at secret */
+    char *secret;                   /* password or OAuth2 token; replaced on refresh */
+    char *token_cmd;                /* -o oauth_token_cmd, or NULL */
+    char **old_secrets;             /* replaced tokens, kept until the end: another
+                                       thread may be logging in with one; pool_lock */
+    size_t old_secret_count;
     struct cache *cache;
     struct cache_bodies *bodies;
     double dir_cache_timeout;
@@ -140,6 +146,9 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     if (!account)
         return NULL;
     account->config = *config;
+    account->secret = strdup(config->password);
+    account->config.password = account->secret;
+    account->token_cmd = options->oauth_token_cmd ? strdup(options->oauth_token_cmd) : NULL;
     account->max_connections = options->connections;
     account->dir_cache_timeout = options->dir_cache_timeout;
     account->cache = cache_new();
@@ -150,7 +159,7 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     account->trash = options->trash ? strdup(options->trash) : NULL;
     account->delimiter = '/';
     if (!account->cache || !account->bodies || !account->idle || !account->notifier ||
-        !account->searches ||
+        !account->searches || !account->secret ||
         (options->trash && !account->trash)) {
         fs_account_free(account);
         return NULL;
@@ -247,6 +256,16 @@ void fs_account_free(struct fs_account *account)
     free(account->trash);
     free(account->special_trash);
     free(account->namespace_prefix);
+    for (size_t i = 0; i < account->old_secret_count; i++) {
+        OPENSSL_cleanse(account->old_secrets[i], strlen(account->old_secrets[i]));
+        free(account->old_secrets[i]);
+    }
+    free(account->old_secrets);
+    if (account->secret) {
+        OPENSSL_cleanse(account->secret, strlen(account->secret));
+        free(account->secret);
+    }
+    free(account->token_cmd);
     if (account->cache)
         cache_free(account->cache);
     if (account->bodies)
@@ -355,6 +374,7 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
 {
     double deadline = now_monotonic() + account->config.timeout;
     char err[512];
+    int refreshed = 0;
 
     pthread_mutex_lock(&account->pool_lock);
     for (;;) {
@@ -380,8 +400,30 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
             if (now >= account->next_connect_at) {
                 /* connect, without the lock */
                 account->open_count++;
+                struct imap_config config = account->config; /* the token may be replaced */
                 pthread_mutex_unlock(&account->pool_lock);
-                int ret = imap_session_open(&account->config, out, err, sizeof(err));
+                int ret = imap_session_open(&config, out, err, sizeof(err));
+                if (ret == -EACCES && account->token_cmd && !refreshed) {
+                    /* OAuth2 tokens expire: a fresh one, once per request */
+                    refreshed = 1;
+                    char *fresh = fs_secret_from_command(account->token_cmd, "oauth_token_cmd");
+                    if (fresh) {
+                        pthread_mutex_lock(&account->pool_lock);
+                        char **grown = realloc(account->old_secrets,
+                                               (account->old_secret_count + 1) * sizeof(*grown));
+                        if (grown) {
+                            account->old_secrets = grown;
+                            account->old_secrets[account->old_secret_count++] = account->secret;
+                            account->secret = fresh;
+                            account->config.password = fresh;
+                            config.password = fresh;
+                        } else {
+                            free(fresh);
+                        }
+                        pthread_mutex_unlock(&account->pool_lock);
+                        ret = imap_session_open(&config, out, err, sizeof(err));
+                    }
+                }
                 pthread_mutex_lock(&account->pool_lock);
                 if (ret == 0) {
                     if (account->offline)

@@ -20,6 +20,8 @@ struct fs_options {
     char *mountpoint;
     char *password_file;
     char *password_cmd;
+    char *auth;                 /* "password" (default), "xoauth2" or "oauthbearer" */
+    char *oauth_token_cmd;      /* prints a fresh OAuth2 access token */
     char *cafile;
     char *tls_verify;           /* "yes" (default) or "no" */
     char *tls;                  /* NULL, or "none" */
@@ -49,6 +51,7 @@ struct fs_options {
     uint64_t cache_bytes;
     uint64_t max_download_bytes; /* 0: no limit */
     uint64_t cache_max_bytes;
+    enum imap_auth auth_mode;
 };
 
 /* Parses argv into options; FUSE's own options stay in args.  Returns 0, or
@@ -59,6 +62,9 @@ void fs_options_usage(const char *progname);
 /* Reads the password from password_file, password_cmd, IMAPFS_PASSWORD or
  * the terminal.  Returns a malloc'd string or NULL after printing why. */
 char *fs_password_get(const struct fs_options *options);
+/* First line of a command's output (a password or token); NULL, logged, on
+ * failure or empty output.  Caller frees (after OPENSSL_cleanse). */
+char *fs_secret_from_command(const char *command, const char *what);
 
 /* ---------------------------------------------------------------- account */
 

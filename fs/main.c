@@ -64,6 +64,7 @@ int main(int argc, char *argv[])
         .cafile = options.cafile,
         .tls_verify = !(options.tls_verify && strcmp(options.tls_verify, "no") == 0),
         .timeout = (int)options.timeout,
+        .auth = options.auth_mode,
     };
     if (!config.tls_verify)
         fprintf(stderr, "imapfs: warning: TLS certificate verification is off (-o tls_verify=no)\n");
@@ -71,6 +72,17 @@ int main(int argc, char *argv[])
         fprintf(stderr, "imapfs: warning: no TLS (-o tls=none); the password travels in clear\n");
 
     int login = imap_session_open(&config, &first, err, sizeof(err));
+    if (login == -EACCES && config.auth != IMAP_AUTH_PASSWORD) {
+        /* A rejected token: maybe expired.  Ask for a fresh one, once. */
+        char *fresh = fs_secret_from_command(options.oauth_token_cmd, "oauth_token_cmd");
+        if (fresh) {
+            OPENSSL_cleanse(password, strlen(password));
+            free(password);
+            password = fresh;
+            config.password = password;
+            login = imap_session_open(&config, &first, err, sizeof(err));
+        }
+    }
     /* Unreachable (not refused: a wrong password or certificate never
      * falls back) with a persistent cache: mount from it, read-only until
      * the server answers. */

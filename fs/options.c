@@ -25,6 +25,7 @@
  * since libfuse's own complaint could not say where it came from), and a file
  * that others may write is refused, since its password_cmd runs as the user. */
 #include "fs/fs.h"
+#include "imap/log.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -49,6 +50,8 @@ enum { KEY_HELP, KEY_VERSION, KEY_FOREGROUND, KEY_DEBUG, KEY_READONLY, KEY_DISCA
 static const struct fuse_opt option_specs[] = {
     OPTION("password_file=%s", password_file, 0),
     OPTION("password_cmd=%s", password_cmd, 0),
+    OPTION("auth=%s", auth, 0),
+    OPTION("oauth_token_cmd=%s", oauth_token_cmd, 0),
     OPTION("cafile=%s", cafile, 0),
     OPTION("tls_verify=%s", tls_verify, 0),
     OPTION("tls=%s", tls, 0),
@@ -152,6 +155,9 @@ void fs_options_usage(const char *progname)
            "    -d                         debug: FUSE and IMAP traffic (passwords redacted); implies -f\n"
            "    -o password_file=PATH      first line of PATH is the password\n"
            "    -o password_cmd=CMD        first line of CMD's output is the password\n"
+           "    -o auth=xoauth2|oauthbearer  log in with an OAuth2 access token (default: password)\n"
+           "    -o oauth_token_cmd=CMD     first line of CMD's output is a fresh access token;\n"
+           "                               run again once when the server rejects a token\n"
            "    -o cafile=PATH             also trust the CA certificates in PATH (PEM)\n"
            "    -o tls_verify=no           do not verify the certificate (unsafe)\n"
            "    -o tls=none                imap:// without STARTTLS (unsafe: password in clear)\n"
@@ -702,6 +708,17 @@ static int options_check(struct fs_options *options)
         fprintf(stderr, "imapfs: bad -o cache_size '%s' (try 256M)\n", options->cache_size);
         return -1;
     }
+    options->auth_mode = IMAP_AUTH_PASSWORD;
+    if (options->auth) {
+        if (strcmp(options->auth, "xoauth2") == 0)
+            options->auth_mode = IMAP_AUTH_XOAUTH2;
+        else if (strcmp(options->auth, "oauthbearer") == 0)
+            options->auth_mode = IMAP_AUTH_OAUTHBEARER;
+        else if (strcmp(options->auth, "password") != 0) {
+            fprintf(stderr, "imapfs: -o auth takes password, xoauth2 or oauthbearer\n");
+            return -1;
+        }
+    }
     options->cache_max_bytes = 1ull << 30;
     if (options->cache_max && parse_size(options->cache_max, &options->cache_max_bytes) < 0) {
         fprintf(stderr, "imapfs: bad -o cache_max '%s' (try 1G)\n", options->cache_max);
@@ -818,6 +835,8 @@ void fs_options_free(struct fs_options *options)
     free(options->mountpoint);
     free(options->password_file);
     free(options->password_cmd);
+    free(options->auth);
+    free(options->oauth_token_cmd);
     free(options->cafile);
     free(options->tls_verify);
     free(options->tls);
@@ -872,9 +891,42 @@ static char *prompt_password(const char *user, const char *host)
     return password;
 }
 
+char *fs_secret_from_command(const char *command, const char *what)
+{
+    FILE *pipe = popen(command, "r");
+    if (!pipe) {
+        log_error("cannot run %s: %s", what, strerror(errno));
+        return NULL;
+    }
+    char *secret = first_line(pipe);
+    /* drain so the command does not die of SIGPIPE */
+    char sink[256];
+    while (fread(sink, 1, sizeof(sink), pipe) > 0)
+        ;
+    int status = pclose(pipe);
+    if (status != 0 || !secret || !*secret) {
+        if (secret)
+            OPENSSL_cleanse(secret, strlen(secret));
+        free(secret);
+        log_error("%s failed (exit status %d) or printed nothing", what,
+                  WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        return NULL;
+    }
+    return secret;
+}
+
 char *fs_password_get(const struct fs_options *options)
 {
     char *password = NULL;
+
+    if (options->auth_mode != IMAP_AUTH_PASSWORD) {
+        if (!options->oauth_token_cmd) {
+            fprintf(stderr, "imapfs: -o auth=%s needs -o oauth_token_cmd=CMD (a command that "
+                            "prints a fresh access token)\n", options->auth);
+            return NULL;
+        }
+        return fs_secret_from_command(options->oauth_token_cmd, "oauth_token_cmd");
+    }
 
     if (options->password_file) {
         FILE *file = fopen(options->password_file, "re");
@@ -889,28 +941,8 @@ char *fs_password_get(const struct fs_options *options)
             fprintf(stderr, "imapfs: password file %s is empty\n", options->password_file);
         return password;
     }
-    if (options->password_cmd) {
-        FILE *pipe = popen(options->password_cmd, "r");
-        if (!pipe) {
-            fprintf(stderr, "imapfs: cannot run password_cmd: %s\n", strerror(errno));
-            return NULL;
-        }
-        password = first_line(pipe);
-        /* drain so the command does not die of SIGPIPE */
-        char sink[256];
-        while (fread(sink, 1, sizeof(sink), pipe) > 0)
-            ;
-        int status = pclose(pipe);
-        if (status != 0 || !password) {
-            if (password)
-                OPENSSL_cleanse(password, strlen(password));
-            free(password);
-            fprintf(stderr, "imapfs: password_cmd failed (exit status %d) or printed nothing\n",
-                    WIFEXITED(status) ? WEXITSTATUS(status) : -1);
-            return NULL;
-        }
-        return password;
-    }
+    if (options->password_cmd)
+        return fs_secret_from_command(options->password_cmd, "password_cmd");
     const char *env = getenv("IMAPFS_PASSWORD");
     if (env) {
         password = strdup(env);

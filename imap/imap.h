@@ -21,11 +21,18 @@ enum imap_tls_mode {
     IMAP_TLS_NONE,      /* imap:// with -o tls=none: plaintext on purpose */
 };
 
+enum imap_auth {
+    IMAP_AUTH_PASSWORD,     /* LOGIN, or AUTHENTICATE PLAIN where LOGINDISABLED */
+    IMAP_AUTH_XOAUTH2,      /* Google's precursor of OAUTHBEARER */
+    IMAP_AUTH_OAUTHBEARER,  /* RFC 7628 */
+};
+
 struct imap_config {
     const char *host;
     unsigned port;
     const char *user;
-    const char *password;   /* never logged */
+    const char *password;   /* the password or OAuth2 access token; never logged */
+    enum imap_auth auth;
     enum imap_tls_mode tls;
     const char *cafile;     /* NULL: the system store */
     int tls_verify;         /* 0 only with -o tls_verify=no */

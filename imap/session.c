@@ -60,6 +60,8 @@ struct command {
     size_t waits[4];
     int nwaits;
     int redact_from;            /* trace shows the text up to here, then <redacted>; -1 none */
+    const char *on_challenge;   /* AUTHENTICATE: what to answer a "+" that comes after the
+                                   whole command was sent (a SASL error challenge) */
     int failed;                 /* -ENOMEM or -E2BIG while building */
 };
 
@@ -397,9 +399,15 @@ static int run_command(struct imap_session *session, struct command *cmd,
             return ret;
         }
         if (response->kind == IMAP_RESP_CONTINUATION) {
-            /* Nobody asked; a confused server. */
             imap_response_free(response);
-            return fail(session, -EPROTO);
+            if (!cmd->on_challenge)
+                return fail(session, -EPROTO); /* nobody asked: a confused server */
+            /* A SASL mechanism's error challenge: answer, then the NO follows. */
+            ret = imap_conn_write(&session->conn, cmd->on_challenge, strlen(cmd->on_challenge));
+            if (ret < 0)
+                return fail(session, ret);
+            cmd->on_challenge = NULL;
+            continue;
         }
         if (response->status == IMAP_STATUS_BYE) {
             log_warn("%s closed the connection: %s", session->host, response->text);
@@ -493,6 +501,56 @@ static int read_greeting(struct imap_session *session, int *preauth, char *err, 
     return 0;
 }
 
+/* AUTHENTICATE XOAUTH2 / OAUTHBEARER with the token as initial response
+ * (SASL-IR).  On a bad token the server sends an error challenge, which we
+ * answer as the mechanisms require, and then NO. */
+static int oauth_command(struct imap_session *session, const struct imap_config *config,
+                         struct command *cmd, char *err, size_t errlen)
+{
+    int xoauth2 = config->auth == IMAP_AUTH_XOAUTH2;
+    const char *mechanism = xoauth2 ? "XOAUTH2" : "OAUTHBEARER";
+    char capability[32], *raw = NULL;
+    int rawlen;
+
+    snprintf(capability, sizeof(capability), "AUTH=%s", mechanism);
+    if (!imap_session_has_capability(session, capability)) {
+        snprintf(err, errlen, "%s does not offer %s (try -o auth=%s)", session->host, mechanism,
+                 xoauth2 ? "oauthbearer" : "xoauth2");
+        return -EPROTONOSUPPORT;
+    }
+    if (!imap_session_has_capability(session, "SASL-IR")) {
+        snprintf(err, errlen, "%s offers %s without SASL-IR; not supported", session->host,
+                 mechanism);
+        return -EPROTONOSUPPORT;
+    }
+    if (xoauth2)
+        rawlen = asprintf(&raw, "user=%s\001auth=Bearer %s\001\001", config->user,
+                          config->password);
+    else
+        rawlen = asprintf(&raw, "n,a=%s,\001host=%s\001port=%u\001auth=Bearer %s\001\001",
+                          config->user, config->host, config->port, config->password);
+    if (rawlen < 0)
+        return -ENOMEM;
+    char *b64 = malloc(4 * (((size_t)rawlen + 2) / 3) + 1);
+    if (!b64) {
+        OPENSSL_cleanse(raw, (size_t)rawlen);
+        free(raw);
+        return -ENOMEM;
+    }
+    EVP_EncodeBlock((unsigned char *)b64, (unsigned char *)raw, rawlen);
+    OPENSSL_cleanse(raw, (size_t)rawlen);
+    free(raw);
+    command_addf(cmd, "AUTHENTICATE %s", mechanism);
+    cmd->redact_from = (int)cmd->len;
+    command_add(cmd, " ", 1);
+    command_add(cmd, b64, strlen(b64));
+    OPENSSL_cleanse(b64, strlen(b64));
+    free(b64);
+    /* XOAUTH2 wants an empty line; OAUTHBEARER a lone %x01 (RFC 7628 3.2.3) */
+    cmd->on_challenge = xoauth2 ? "\r\n" : "AQ==\r\n";
+    return 0;
+}
+
 static int login(struct imap_session *session, const struct imap_config *config,
                  char *err, size_t errlen)
 {
@@ -500,7 +558,11 @@ static int login(struct imap_session *session, const struct imap_config *config,
     struct imap_response *tagged = NULL;
     int ret;
 
-    if (imap_session_has_capability(session, "LOGINDISABLED")) {
+    if (config->auth != IMAP_AUTH_PASSWORD) {
+        ret = oauth_command(session, config, &cmd, err, errlen);
+        if (ret < 0)
+            return ret;
+    } else if (imap_session_has_capability(session, "LOGINDISABLED")) {
         /* AUTHENTICATE PLAIN with an initial response (base64 of
          * "\0user\0password"). */
         size_t ulen = strlen(config->user), plen = strlen(config->password);
@@ -546,9 +608,11 @@ static int login(struct imap_session *session, const struct imap_config *config,
     free(cmd.buf);
     if (ret < 0) {
         if (tagged)
-            snprintf(err, errlen, "login as %s at %s failed: %.200s (check the password: "
-                     "-o password_file, -o password_cmd or IMAPFS_PASSWORD)",
-                     config->user, session->host, tagged->text);
+            snprintf(err, errlen, "login as %s at %s failed: %.200s (%s)", config->user,
+                     session->host, tagged->text,
+                     config->auth == IMAP_AUTH_PASSWORD
+                         ? "check the password: -o password_file, -o password_cmd or IMAPFS_PASSWORD"
+                         : "check the token printed by -o oauth_token_cmd");
         else
             snprintf(err, errlen, "connection to %s lost during login", session->host);
         imap_response_free(tagged);

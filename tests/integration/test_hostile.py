@@ -971,20 +971,28 @@ def _cat_outcome(path, want):
     return f"other error {res.err!r}"
 
 
-def test_truncated_at_every_offset(rig):
+@pytest.mark.parametrize("mode", ["plain", "starttls"])
+def test_truncated_at_every_offset(rig, mode):
     """A canned session (greeting, CAPABILITY, LOGIN, LIST, EXAMINE, FETCH
     metadata, FETCH bodies, LOGOUT) cut at every byte offset of the server's
     output, the fake closing the connection there.  Each attempt ends in a
     clean failure to mount, or a mount whose first read gives the right bytes
     or EIO (then, on a new connection, the right bytes on retry);
-    the daemon never crashes or hangs and exits 0 on unmount."""
+    the daemon never crashes or hangs and exits 0 on unmount.  Over STARTTLS
+    (the cut then also lands inside TLS records) every 3rd offset is tried."""
     want = {m.uid: m.body for m in _short_box()[0].messages}
+    tls = mode == "starttls"
+    step = 3 if tls else 1
 
     def attempt(budget):
-        srv = FakeIMAP(mailboxes=_short_box(), password=PASSWORD).start()
+        srv = FakeIMAP(mailboxes=_short_box(), password=PASSWORD,
+                       tls="starttls" if tls else None).start()
         try:
             srv.s2c_budget = lambda index: budget if index == 0 else None
-            m = rig.mount(srv, connections=1)
+            if tls:
+                m = rig.mount(srv, connections=1, tls_none=False, options=[f"cafile={srv.cafile}"])
+            else:
+                m = rig.mount(srv, connections=1)
             try:
                 if not m.mounted:
                     status = m.wait_exit()
@@ -1026,7 +1034,7 @@ def test_truncated_at_every_offset(rig):
     total = attempt.total
     assert 300 < total < 3000, total
     outcomes, failures = {}, []
-    for budget in range(total + 1):
+    for budget in range(0, total + 1, step):
         outcome = attempt(budget)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if outcome not in ("nomount", "right", "EIO"):
@@ -1034,7 +1042,7 @@ def test_truncated_at_every_offset(rig):
             if len(failures) >= 8:
                 break
         assert time.monotonic() - t0 < 150, f"too slow: at offset {budget} of {total}"
-    sys.stderr.write(f"\n{total + 1} offsets in {time.monotonic() - t0:.1f}s: {outcomes}\n")
+    sys.stderr.write(f"\n{mode}: {total + 1} bytes, every {step}. offset in {time.monotonic() - t0:.1f}s: {outcomes}\n")
     assert not failures, "\n".join(f"cut after {b} bytes: {o}" for b, o in failures)
     assert outcomes.get("nomount") and outcomes.get("right"), outcomes
 

@@ -55,24 +55,40 @@ static uint64_t fnv1a(const char *text)
     return h;
 }
 
+static uint64_t format_mix(uint64_t h, uint64_t word)
+{
+    h ^= word;
+    h *= 0x100000001b3ull;
+    return h ^ (h >> 32);
+}
+
+/* Little-endian word of n <= 8 bytes. */
+static uint64_t format_word(const unsigned char *p, size_t n)
+{
+    uint64_t word = 0;
+    for (size_t i = 0; i < n; i++)
+        word |= (uint64_t)p[i] << (8 * i);
+    return word;
+}
+
+/* The checksum as cache/disk.c documents it, written plainly. */
 static uint64_t format_checksum(const void *data, size_t len)
 {
     const unsigned char *p = data;
-    uint64_t h = 0xcbf29ce484222325ull;
-    size_t left = len;
-    for (;;) {
-        uint64_t word = 0;
-        size_t n = left < 8 ? left : 8;
-        for (size_t i = 0; i < n; i++)
-            word |= (uint64_t)p[i] << (8 * i);
-        h ^= word;
-        h *= 0x100000001b3ull;
-        h ^= h >> 32;
-        p += n;
-        left -= n;
-        if (n < 8)
-            break;
-    }
+    uint64_t lanes[4];
+    for (int i = 0; i < 4; i++)
+        lanes[i] = 0xcbf29ce484222325ull ^ (uint64_t)i;
+    size_t stripes = len / 32, words = len % 32 / 8, rest = len % 8;
+    for (size_t s = 0; s < stripes; s++)
+        for (int i = 0; i < 4; i++)
+            lanes[i] = format_mix(lanes[i], format_word(p + 32 * s + 8 * i, 8));
+    uint64_t h = lanes[0];
+    for (int i = 1; i < 4; i++)
+        h = format_mix(h, lanes[i]);
+    p += 32 * stripes;
+    for (size_t w = 0; w < words; w++)
+        h = format_mix(h, format_word(p + 8 * w, 8));
+    h = format_mix(h, format_word(p + 8 * words, rest));
     h ^= (uint64_t)len;
     h ^= h >> 33;
     h *= 0xff51afd7ed558ccdull;
