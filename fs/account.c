@@ -79,6 +79,7 @@ struct fs_account {
 
     struct fs_notifier *notifier;
     struct fs_searches *searches;   /* FOLDER/.search/ queries */
+    struct fs_mailinfo *mailinfo;   /* user.mail.* xattrs */
     struct cache_disk *disk;        /* the persistent cache, or NULL (-o cache_dir=none) */
 
     /* Bodies wait here to be written to disk by the writer thread, so that a
@@ -156,10 +157,11 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     account->idle = calloc(options->connections, sizeof(*account->idle));
     account->notifier = fs_notifier_new();
     account->searches = fs_searches_new();
+    account->mailinfo = fs_mailinfo_new();
     account->trash = options->trash ? strdup(options->trash) : NULL;
     account->delimiter = '/';
     if (!account->cache || !account->bodies || !account->idle || !account->notifier ||
-        !account->searches || !account->secret ||
+        !account->searches || !account->mailinfo || !account->secret ||
         (options->trash && !account->trash)) {
         fs_account_free(account);
         return NULL;
@@ -252,6 +254,7 @@ void fs_account_free(struct fs_account *account)
     free(account->idle);
     fs_notifier_free(account->notifier);
     fs_searches_free(account->searches);
+    fs_mailinfo_free(account->mailinfo);
     cache_disk_close(account->disk);
     free(account->trash);
     free(account->special_trash);
@@ -360,6 +363,7 @@ struct cache *fs_account_cache(struct fs_account *account) { return account->cac
 double fs_account_dir_timeout(const struct fs_account *account) { return account->dir_cache_timeout; }
 struct fs_notifier *fs_account_notifier(struct fs_account *account) { return account->notifier; }
 struct fs_searches *fs_account_searches(struct fs_account *account) { return account->searches; }
+struct fs_mailinfo *fs_account_mailinfo(struct fs_account *account) { return account->mailinfo; }
 const struct imap_config *fs_account_config(const struct fs_account *account) { return &account->config; }
 
 /* ---------------------------------------------------------------- the pool */
@@ -2305,4 +2309,33 @@ int fs_account_search(struct fs_account *account, uint32_t folder_id, const char
     }
     free(mailbox);
     return ret;
+}
+
+/* ---------------------------------------------------------------- envelopes */
+
+int fs_account_fetch_envelopes(struct fs_account *account, uint32_t folder_id,
+                               uint32_t uidvalidity, imap_envelope_fn *fn, void *context)
+{
+    struct imap_session *session;
+    struct imap_mailbox_state state;
+    char *mailbox = folder_mailbox(account, folder_id);
+    int ret;
+
+    if (!mailbox)
+        return -ENOENT;
+    for (int attempt = 0; attempt < 2; attempt++) { /* idempotent */
+        ret = session_acquire(account, mailbox, &session);
+        if (ret < 0)
+            break;
+        ret = imap_select(session, mailbox, 1, &state);
+        if (ret == 0 && state.uidvalidity != uidvalidity)
+            ret = -ESTALE;
+        if (ret == 0)
+            ret = imap_fetch_envelopes(session, fn, context);
+        session_release(account, session);
+        if (ret != -EIO)
+            break;
+    }
+    free(mailbox);
+    return ret == -ESTALE ? -ENODATA : ret;
 }

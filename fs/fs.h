@@ -126,6 +126,18 @@ int fs_account_quota(struct fs_account *account, uint64_t *used, uint64_t *limit
 int fs_account_search(struct fs_account *account, uint32_t folder_id, const char *criteria,
                       uint32_t **uids, size_t *count);
 struct fs_searches *fs_account_searches(struct fs_account *account);
+/* UID FETCH 1:* (UID ENVELOPE) of a folder; -ESTALE if its UIDVALIDITY is
+ * no longer uidvalidity. */
+int fs_account_fetch_envelopes(struct fs_account *account, uint32_t folder_id,
+                               uint32_t uidvalidity, imap_envelope_fn *fn, void *context);
+struct fs_mailinfo *fs_account_mailinfo(struct fs_account *account);
+
+/* fs/mailinfo.c: user.mail.subject / from / date from the ENVELOPE. */
+struct fs_mailinfo;
+struct fs_mailinfo *fs_mailinfo_new(void);
+void fs_mailinfo_free(struct fs_mailinfo *info);
+int fs_mailinfo_get(struct fs_account *account, uint32_t folder_id, uint32_t uidvalidity,
+                    uint32_t uid, const char *field, char **value);
 int fs_account_create_folder(struct fs_account *account, uint32_t parent_id, const char *name);
 int fs_account_delete_folder(struct fs_account *account, uint32_t parent_id, const char *name);
 int fs_account_rename_folder(struct fs_account *account, uint32_t parent_id, const char *name,

@@ -469,6 +469,8 @@ static void fs_statfs(fuse_req_t req, fuse_ino_t ino)
 #define XATTR_FLAGS "user.imap.flags"
 #define XATTR_UID "user.imap.uid"
 #define XATTR_UIDVALIDITY "user.imap.uidvalidity"
+#define XATTR_MIME "user.mime_type"
+#define XATTR_MAIL "user.mail."
 
 static void reply_xattr_value(fuse_req_t req, const char *value, size_t size)
 {
@@ -517,6 +519,25 @@ static void fs_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
     } else if (strcmp(name, XATTR_UIDVALIDITY) == 0) {
         snprintf(number, sizeof(number), "%u", folder->uidvalidity);
         value = strdup(number);
+    } else if (strcmp(name, XATTR_MIME) == 0) {
+        value = strdup("message/rfc822"); /* the shared MIME-info xattr */
+    } else if (strncmp(name, XATTR_MAIL, strlen(XATTR_MAIL)) == 0) {
+        /* from the envelope, fetched for the folder at the first ask */
+        const char *field = name + strlen(XATTR_MAIL);
+        uint32_t uidvalidity = folder->uidvalidity;
+        cache_unlock(cache);
+        if (strcmp(field, "subject") && strcmp(field, "from") && strcmp(field, "date")) {
+            fuse_reply_err(req, ENODATA);
+            return;
+        }
+        int ret = fs_mailinfo_get(account_of(req), folder_id, uidvalidity, uid, field, &value);
+        if (ret < 0) {
+            fuse_reply_err(req, ret == -ENODATA || ret == -ENOENT ? ENODATA : -ret);
+            return;
+        }
+        reply_xattr_value(req, value, size);
+        free(value);
+        return;
     } else {
         cache_unlock(cache);
         fuse_reply_err(req, ENODATA);
@@ -533,7 +554,9 @@ static void fs_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
 
 static void fs_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
-    static const char names[] = XATTR_FLAGS "\0" XATTR_UID "\0" XATTR_UIDVALIDITY "\0";
+    static const char names[] = XATTR_FLAGS "\0" XATTR_UID "\0" XATTR_UIDVALIDITY "\0"
+                                XATTR_MAIL "subject\0" XATTR_MAIL "from\0" XATTR_MAIL "date\0"
+                                XATTR_MIME "\0";
 
     if (!ino_uid(ino) || fs_is_search_ino(ino) || fs_is_newmail_ino(ino)) {
         fuse_reply_xattr(req, 0);

@@ -139,6 +139,15 @@ int imap_uid_search(struct imap_session *session, const char *criteria, uint32_t
  * -EPROTO for anything else (including "*"); at most max_count UIDs. */
 int imap_parse_uid_set(const char *set, size_t max_count, uint32_t **uids, size_t *count);
 
+/* Called once per message of an envelope fetch, with its Date: header,
+ * subject and first From: address ("Name <box@host>"), decoded to UTF-8;
+ * "" for what the message lacks. */
+typedef int imap_envelope_fn(void *context, uint32_t uid, const char *date, const char *subject,
+                             const char *from);
+
+/* UID FETCH 1:* (UID ENVELOPE) of the selected mailbox. */
+int imap_fetch_envelopes(struct imap_session *session, imap_envelope_fn *fn, void *context);
+
 /* Called once per message body; the function takes over body (malloc'd).
  * Return 0, or a negative errno to stop. */
 typedef int imap_body_fn(void *context, uint32_t uid, char *body, size_t len);

@@ -1775,3 +1775,76 @@ int imap_uid_search(struct imap_session *session, const char *criteria, uint32_t
     *count = search.count;
     return 0;
 }
+
+/* ---------------------------------------------------------------- ENVELOPE */
+
+struct envelope_context {
+    imap_envelope_fn *fn;
+    void *context;
+};
+
+/* A decoded NSTRING, or "" (caller frees). */
+static char *envelope_text(const struct imap_value *value)
+{
+    if (value->kind != IMAP_VALUE_STRING && value->kind != IMAP_VALUE_ATOM)
+        return strdup("");
+    return imap_decode_header_text(value->str);
+}
+
+/* The first address of an address list: "Name <box@host>" or "box@host". */
+static char *envelope_address(const struct imap_value *list)
+{
+    if (list->kind != IMAP_VALUE_LIST || list->count == 0 ||
+        list->items[0].kind != IMAP_VALUE_LIST || list->items[0].count != 4)
+        return strdup("");
+    const struct imap_value *address = list->items[0].items;
+    char *name = envelope_text(&address[0]);
+    const char *box = address[2].kind == IMAP_VALUE_STRING ? address[2].str : "";
+    const char *host = address[3].kind == IMAP_VALUE_STRING ? address[3].str : "";
+    char *out = NULL;
+    int n;
+    if (name && *name)
+        n = asprintf(&out, "%s <%s%s%s>", name, box, *host ? "@" : "", host);
+    else
+        n = asprintf(&out, "%s%s%s", box, *host ? "@" : "", host);
+    free(name);
+    if (n < 0)
+        return NULL;
+    for (char *c = out; *c; c++) /* one line */
+        if ((unsigned char)*c < 0x20 || *c == 0x7f)
+            *c = ' ';
+    return out;
+}
+
+static int envelope_handler(void *context, struct imap_response *response)
+{
+    struct envelope_context *envelopes = context;
+    struct imap_value *attrs = fetch_attributes(response);
+    const struct imap_value *uid_value, *envelope;
+    uint32_t uid;
+
+    if (!attrs)
+        return 0;
+    uid_value = imap_fetch_item(attrs, "UID");
+    envelope = imap_fetch_item(attrs, "ENVELOPE");
+    if (!uid_value || !envelope || imap_value_u32(uid_value, &uid) < 0)
+        return 0;
+    if (envelope->kind != IMAP_VALUE_LIST || envelope->count < 3)
+        return 1; /* malformed: that message simply has no envelope xattrs */
+    char *date = envelope_text(&envelope->items[0]);
+    char *subject = envelope_text(&envelope->items[1]);
+    char *from = envelope_address(&envelope->items[2]);
+    int ret = date && subject && from ? envelopes->fn(envelopes->context, uid, date, subject, from)
+                                      : -ENOMEM;
+    free(date);
+    free(subject);
+    free(from);
+    return ret < 0 ? ret : 1;
+}
+
+int imap_fetch_envelopes(struct imap_session *session, imap_envelope_fn *fn, void *context)
+{
+    struct envelope_context envelopes = { fn, context };
+    return simple_command_with(session, "UID FETCH 1:* (UID ENVELOPE)", envelope_handler,
+                               &envelopes);
+}

@@ -25,4 +25,9 @@ int imap_quote(char *dst, size_t dstlen, const char *s);
 /* Nonzero if s can be sent as a bare atom (non-empty, only ATOM-CHARs). */
 int imap_is_atom(const char *s);
 
+/* Header text with RFC 2047 encoded words ("=?ISO-8859-1?Q?J=F6rg?=") to
+ * UTF-8; control characters become spaces.  malloc'd; NULL on out of
+ * memory.  Words that do not decode are kept as they are. */
+char *imap_decode_header_text(const char *text);
+
 #endif

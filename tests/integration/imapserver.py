@@ -289,9 +289,15 @@ class TestServer:
 
     def __init__(self, directory=None, host="127.0.0.1", capabilities=None,
                  separator="/", prefix="", fixture_dir=FIXTURE_DIR, seed=True,
-                 tied_to_parent=False):
+                 tied_to_parent=False, oauth_introspection_url=None):
         """tied_to_parent: stop Dovecot when this process dies (for pytest);
-        scripts/test-server start leaves it running, so it does not."""
+        scripts/test-server start leaves it running, so it does not.
+
+        oauth_introspection_url: also offer AUTHENTICATE XOAUTH2 and
+        OAUTHBEARER, checked by Dovecot's oauth2 passdb against this RFC 7662
+        token-introspection endpoint (POST token=...; the reply must say
+        {"active": true, "username": USER}).  Passwords still work for
+        LOGIN/PLAIN (the checker)."""
         self.dir = os.path.abspath(directory) if directory else None
         self.host = host
         self.capabilities = capabilities
@@ -300,6 +306,7 @@ class TestServer:
         self.fixture_dir = fixture_dir
         self.do_seed = seed
         self.tied_to_parent = tied_to_parent
+        self.oauth_introspection_url = oauth_introspection_url
         self.user = USER
         self.password = None
         self.imaps_port = None
@@ -423,6 +430,23 @@ class TestServer:
             # user:password:uid:gid:gecos:home:shell:extra (uid/gid from mail_uid/gid)
             f.write(f"{self.user}:{{PLAIN}}{self.password}::::{home}::\n")
 
+        mechanisms = "plain login"
+        oauth_passdb = ""
+        if self.oauth_introspection_url:
+            mechanisms += " xoauth2 oauthbearer"
+            with open(self.path("dovecot-oauth2.conf.ext"), "w") as f:
+                f.write(f"""introspection_mode = post
+introspection_url = {self.oauth_introspection_url}
+username_attribute = username
+active_attribute = active
+active_value = true
+""")
+            oauth_passdb = f"""passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {self.path('dovecot-oauth2.conf.ext')}
+}}
+"""
         capability = ""
         if self.capabilities:
             capability = f"  imap_capability = {self.capabilities}\n"
@@ -440,7 +464,7 @@ ssl_key = <{self.path('key.pem')}
 # STARTTLS offered; LOGIN/AUTHENTICATE PLAIN refused before TLS
 # (except for Dovecot's remote IP == local IP rule, see imapserver.py)
 disable_plaintext_auth = yes
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 # the default plus lport, so tests can tell the STARTTLS port's logins apart;
 # %c says "TLS" (or "secured" for a plaintext connection from 127.0.0.1)
 login_log_format_elements = user=<%u> method=%m rip=%r lip=%l lport=%{{lport}} mpid=%e %c session=<%{{session}}>
@@ -456,7 +480,7 @@ passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.path('users')}
 }}
-userdb {{
+{oauth_passdb}userdb {{
   driver = passwd-file
   args = username_format=%u {self.path('users')}
 }}
@@ -493,7 +517,8 @@ service imap-urlauth-login {{
 
     def _save_state(self):
         state = dict(self.env(), config=self.config_path, separator=self.separator,
-                     prefix=self.prefix, capabilities=self.capabilities)
+                     prefix=self.prefix, capabilities=self.capabilities,
+                     oauth_introspection_url=self.oauth_introspection_url)
         with open(self.path(STATE_FILE), "w") as f:
             json.dump(state, f, indent=1)
 
@@ -504,7 +529,8 @@ service imap-urlauth-login {{
         with open(os.path.join(directory, STATE_FILE)) as f:
             state = json.load(f)
         srv = cls(directory, host=state["IMAP_HOST"], capabilities=state.get("capabilities"),
-                  separator=state.get("separator", "/"), prefix=state.get("prefix", ""))
+                  separator=state.get("separator", "/"), prefix=state.get("prefix", ""),
+                  oauth_introspection_url=state.get("oauth_introspection_url"))
         srv.imaps_port = int(state["IMAPS_PORT"])
         srv.imap_port = int(state["IMAP_PORT"])
         srv.pid = int(state["IMAP_PID"])

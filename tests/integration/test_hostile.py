@@ -281,6 +281,7 @@ class Rig:
         self.tmp = tmp_path
         self.servers = []
         self.mounts = []
+        self.made = 0
         self.password_file = str(tmp_path / "password")
         with open(self.password_file, "w") as f:
             f.write(PASSWORD + "\n")
@@ -293,7 +294,12 @@ class Rig:
 
     def mount(self, srv, options=(), scheme="imap", tls_none=True, extra_args=(), start=True,
               password_file=None, env=None, connections=2, timeout=TIMEOUT):
-        n = len(self.mounts)
+        n = self.made
+        self.made += 1
+        if env is None:
+            # a persistent cache of its own: fake servers reuse ports and
+            # UIDVALIDITY 1, so a shared one would serve another test's mail
+            env = dict(os.environ, XDG_CACHE_HOME=str(self.tmp / f"cache{n}"))
         opts = [f"password_file={password_file or self.password_file}", f"timeout={timeout}",
                 f"connections={connections}"]
         if tls_none:
@@ -462,6 +468,12 @@ def test_hostile_mailbox_names(rig):
     for raw in srv.selected_names():
         assert raw in HOSTILE_BOXES, f"imapfs examined {raw!r}, which the server never listed"
     m.check_alive("after the hostile listing")
+    # what is not shown is skipped with a log line
+    log = m.log()
+    for name in ("&Jjo!", "&AGE-", "x&AC8-y", "dbl//slash", "/abs", "&2D0-", "ab&AAA-cd"):
+        assert any(name in line for line in log.splitlines() if "skip" in line), \
+            f"no log line for the skipped mailbox {name!r}:\n{log}"
+    assert sum("skip" in line for line in log.splitlines()) >= 15, log
     m.finish()
 
 
@@ -813,6 +825,13 @@ def _malformed(variant, conn, cmd):
         "other-uid": [b"* %d FETCH (UID 999 BODY[] " % seq + literal(b"999 " * 20) + b")" + CRLF,
                       cmd.ok()],
         "no-uid": [b"* %d FETCH (BODY[] " % seq + literal(b"no uid " * 10) + b")" + CRLF, cmd.ok()],
+        # UID 2^32 + uid: a client that wraps it files these bytes as uid's body
+        "uid-wraps": [b"* %d FETCH (UID %d BODY[] " % (seq, msg.uid + 2**32)
+                      + literal(b"WRAPPED " * 10) + b")" + CRLF, cmd.ok()],
+        "uid-negative": [b"* %d FETCH (UID -%d BODY[] " % (seq, msg.uid)
+                         + literal(b"NEGATIVE " * 10) + b")" + CRLF, cmd.ok()],
+        "uid-20-digits": [b"* %d FETCH (UID %d BODY[] " % (seq, msg.uid + 5 * 2**64)
+                          + literal(b"OVERFLOW " * 10) + b")" + CRLF, cmd.ok()],
         "empty-lines": [CRLF, b"*" + CRLF, b"* " + CRLF] + good,
         "tagged-bad-after-body": good[:-1] + [cmd.bad("sorry")],
         "huge-tag-line": [b"A" * (2 << 20) + b" OK" + CRLF] + good,
@@ -826,7 +845,8 @@ MALFORMED = {
     "deep-nesting": (), "unclosed-list": (), "stray-continuation": ("right",),
     "wrong-tag": ("right",), "nul-in-quoted": ("enoent",), "binary-garbage": ("right",),
     "many-atoms": ("right",), "literal-mid-line": ("enoent",), "body-nil": ("enoent",),
-    "other-uid": ("enoent",), "no-uid": ("enoent",), "empty-lines": ("right",),
+    "other-uid": ("enoent",), "no-uid": ("enoent",), "uid-wraps": ("enoent",),
+    "uid-negative": ("enoent",), "uid-20-digits": ("enoent",), "empty-lines": ("right",),
     "tagged-bad-after-body": ("right",), "huge-tag-line": ("right",),
     "legal-uid-after-body": ("right", "only"),
 }
@@ -1042,7 +1062,8 @@ def test_truncated_at_every_offset(rig, mode):
             if len(failures) >= 8:
                 break
         assert time.monotonic() - t0 < 150, f"too slow: at offset {budget} of {total}"
-    sys.stderr.write(f"\n{mode}: {total + 1} bytes, every {step}. offset in {time.monotonic() - t0:.1f}s: {outcomes}\n")
+    sys.stderr.write(f"\n{mode}: {total + 1} bytes, every {step}. offset, "
+                     f"{time.monotonic() - t0:.1f}s: {outcomes}\n")
     assert not failures, "\n".join(f"cut after {b} bytes: {o}" for b, o in failures)
     assert outcomes.get("nomount") and outcomes.get("right"), outcomes
 

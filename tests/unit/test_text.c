@@ -273,6 +273,36 @@ static void test_is_atom(void)
     CHECK(!imap_is_atom("a\r\n"));
 }
 
+static void check_decoded(const char *in, const char *want)
+{
+    char *got = imap_decode_header_text(in);
+    CHECK_EQ_STR(got, want);
+    free(got);
+}
+
+static void test_header_words(void)
+{
+    check_decoded("=?ISO-8859-1?Q?J=F6rg_M=FCller?=", "J\xc3\xb6rg M\xc3\xbcller");
+    check_decoded("=?UTF-8?B?w4RyZ2Vy?= im =?UTF-8?Q?B=C3=BCro?=",
+                  "\xc3\x84rger im B\xc3\xbcro");
+    /* white space between two encoded words is dropped (RFC 2047 6.2) */
+    check_decoded("=?UTF-8?B?YQ==?= \t =?UTF-8?B?Yg==?=", "ab");
+    check_decoded("=?utf-8?q?lower_case?=", "lower case");
+    check_decoded("=?UTF-8*en?Q?lang?=", "lang");
+    check_decoded("plain text", "plain text");
+    /* what does not decode stays as it was */
+    check_decoded("=?no-such-charset?Q?x?=", "=?no-such-charset?Q?x?=");
+    check_decoded("=?UTF-8?Q?bad=Z?=", "=?UTF-8?Q?bad=Z?=");
+    check_decoded("=?UTF-8?Q?cut=?=", "=?UTF-8?Q?cut=?=");
+    check_decoded("=?UTF-8?X?x?=", "=?UTF-8?X?x?=");
+    check_decoded("=?UTF-8?B?!!?=", "=?UTF-8?B?!!?=");
+    check_decoded("=?UTF-8?Q?has space?=", "=?UTF-8?Q?has space?=");
+    /* one line: control characters, also decoded ones, become spaces */
+    check_decoded("a\tb\nc", "a b c");
+    check_decoded("=?UTF-8?Q?x=0Ay?=", "x y");
+    check_decoded("", "");
+}
+
 int main(void)
 {
     RUN(test_utf7_vectors);
@@ -282,5 +312,6 @@ int main(void)
     RUN(test_utf7_canonical);
     RUN(test_quote);
     RUN(test_is_atom);
+    RUN(test_header_words);
     return check_summary();
 }
