@@ -485,7 +485,7 @@ static void reply_xattr_value(fuse_req_t req, const char *value, size_t size)
 
 static void fs_readlink(fuse_req_t req, fuse_ino_t ino)
 {
-    char target[64];
+    char target[4096];
     int ret = fs_search_readlink(account_of(req), ino, target, sizeof(target));
     if (ret < 0)
         fuse_reply_err(req, -ret);

@@ -10,11 +10,18 @@
  * recently.  Results are searched again like any listing, after
  * -o dir_cache_timeout.
  *
+ * The mount's root has a `.search/` too: there CRITERIA is searched in every
+ * folder (one UID SEARCH each; few servers offer MULTISEARCH), and the query
+ * directory mirrors the folder tree, so a match reads as FOLDER/UID.eml:
+ * `.search/TEXT invoice/Lists/notmuch/5.eml -> ../../../../Lists/notmuch/5.eml`.
+ *
  * Inodes: the .search directory of folder F is FS_INO_SEARCH | F << 32; a
- * query directory adds its query id in the low 32 bits; a result symlink is
- * FS_INO_RESULT | query id << 32 | UID.  A small table remembers the
- * MAX_QUERIES most recent queries; an evicted query's inodes give ENOENT
- * and a new lookup brings it back. */
+ * query directory adds its query id in the low 32 bits; inside a root query,
+ * the view of folder G is FS_INO_SEARCH | G << 32 | query id (G is not the
+ * query's own folder, which tells the two apart); a result symlink is
+ * FS_INO_RESULT | query id << 32 | its index among the query's hits.  A
+ * small table remembers the MAX_QUERIES most recent queries; an evicted
+ * query's inodes give ENOENT and a new lookup brings it back. */
 #include "fs/fs.h"
 #include "fs/names.h"
 #include "imap/log.h"
@@ -30,11 +37,17 @@
 #define MAX_QUERIES 64
 #define SEARCH_DIR ".search"
 
+/* One match: folder id << 32 | UID, so sorting groups a folder's matches. */
+typedef uint64_t search_hit;
+#define HIT(folder_id, uid) ((search_hit)(folder_id) << 32 | (uid))
+#define HIT_FOLDER(hit) ((uint32_t)((hit) >> 32))
+#define HIT_UID(hit) ((uint32_t)(hit))
+
 struct search_query {
     uint32_t id;            /* 1 .. 2^31-1, never reused */
-    uint32_t folder_id;
+    uint32_t folder_id;     /* CACHE_ROOT_ID: every folder */
     char *criteria;         /* its name under .search/ */
-    uint32_t *uids;         /* sorted */
+    search_hit *hits;       /* sorted */
     size_t count;
     double searched_at;     /* monotonic; 0 = never */
     double used_at;
@@ -65,7 +78,7 @@ struct fs_searches *fs_searches_new(void)
 static void query_free(struct search_query *query)
 {
     free(query->criteria);
-    free(query->uids);
+    free(query->hits);
     free(query);
 }
 
@@ -86,7 +99,7 @@ void fs_searches_free(struct fs_searches *searches)
 
 static fuse_ino_t search_dir_ino(uint32_t folder_id) { return FS_INO_SEARCH | (fuse_ino_t)folder_id << 32; }
 static fuse_ino_t query_ino(uint32_t folder_id, uint32_t id) { return search_dir_ino(folder_id) | id; }
-static fuse_ino_t result_ino(uint32_t id, uint32_t uid) { return FS_INO_RESULT | (fuse_ino_t)id << 32 | uid; }
+static fuse_ino_t result_ino(uint32_t id, size_t index) { return FS_INO_RESULT | (fuse_ino_t)id << 32 | (uint32_t)index; }
 static uint32_t ino_folder(fuse_ino_t ino) { return (uint32_t)((ino & ~FS_INO_SEARCH) >> 32); }
 static uint32_t ino_low(fuse_ino_t ino) { return (uint32_t)ino; }
 static uint32_t result_query(fuse_ino_t ino) { return (uint32_t)((ino & ~FS_INO_RESULT) >> 32); }
@@ -101,16 +114,45 @@ static void dir_attr(fuse_ino_t ino, struct stat *st)
     st->st_gid = getgid();
 }
 
-static void link_attr(uint32_t id, uint32_t uid, struct stat *st)
+/* Where the symlink of a hit points, relative to it.  malloc'd. */
+static char *hit_target(struct fs_account *account, const struct search_query *query,
+                        search_hit hit)
 {
-    char target[40];
+    char *target = NULL;
+    if (query->folder_id != CACHE_ROOT_ID)
+        return asprintf(&target, "../../%u.eml", HIT_UID(hit)) < 0 ? NULL : target;
+    /* .search/CRITERIA/PATH/UID.eml: up past PATH, CRITERIA and .search */
+    struct cache *cache = fs_account_cache(account);
+    cache_lock(cache);
+    struct cache_folder *folder = cache_folder_by_id(cache, HIT_FOLDER(hit));
+    char *path = folder ? cache_folder_path(folder) : NULL;
+    cache_unlock(cache);
+    if (!path)
+        return NULL;
+    size_t depth = 1;
+    for (const char *c = path; *c; c++)
+        depth += *c == '/';
+    size_t len = 3 * (depth + 2) + strlen(path) + 16;
+    target = malloc(len);
+    if (target) {
+        target[0] = '\0';
+        for (size_t i = 0; i < depth + 2; i++)
+            strcat(target, "../");
+        snprintf(target + strlen(target), len - strlen(target), "%s/%u.eml", path, HIT_UID(hit));
+    }
+    free(path);
+    return target;
+}
+
+static void link_attr(fuse_ino_t ino, size_t target_len, struct stat *st)
+{
     memset(st, 0, sizeof(*st));
-    st->st_ino = result_ino(id, uid);
+    st->st_ino = ino;
     st->st_mode = S_IFLNK | 0777;
     st->st_nlink = 1;
     st->st_uid = getuid();
     st->st_gid = getgid();
-    st->st_size = snprintf(target, sizeof(target), "../../%u.eml", uid);
+    st->st_size = (off_t)target_len;
 }
 
 /* --- the query table (caller holds searches->lock) --- */
@@ -132,17 +174,83 @@ static struct search_query *query_by_name(struct fs_searches *searches, uint32_t
     return NULL;
 }
 
-static int uid_in_results(const struct search_query *query, uint32_t uid)
+/* The index of the first hit >= hit. */
+static size_t hit_position(const struct search_query *query, search_hit hit)
 {
     size_t lo = 0, hi = query->count;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (query->uids[mid] < uid)
+        if (query->hits[mid] < hit)
             lo = mid + 1;
         else
             hi = mid;
     }
-    return lo < query->count && query->uids[lo] == uid;
+    return lo;
+}
+
+static int compare_hits(const void *a, const void *b)
+{
+    search_hit x = *(const search_hit *)a, y = *(const search_hit *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Searches one folder, or every selectable folder for a root query. */
+static int run_search(struct fs_account *account, uint32_t folder_id, const char *criteria,
+                      search_hit **hits, size_t *count)
+{
+    uint32_t *folders = NULL;
+    size_t folder_count = 0;
+    int ret = 0;
+
+    *hits = NULL;
+    *count = 0;
+    if (folder_id == CACHE_ROOT_ID) {
+        struct cache *cache = fs_account_cache(account);
+        cache_lock(cache);
+        folders = calloc(HASH_CNT(hh, cache->by_id) + 1, sizeof(*folders));
+        for (struct cache_folder *folder = cache->by_id; folders && folder;
+             folder = folder->hh.next)
+            if (folder->selectable)
+                folders[folder_count++] = folder->id;
+        cache_unlock(cache);
+        if (!folders)
+            return -ENOMEM;
+    } else {
+        folders = malloc(sizeof(*folders));
+        if (!folders)
+            return -ENOMEM;
+        folders[folder_count++] = folder_id;
+    }
+    for (size_t f = 0; f < folder_count && ret == 0; f++) {
+        uint32_t *uids;
+        size_t n;
+        ret = fs_account_search(account, folders[f], criteria, &uids, &n);
+        if (ret == -ENOENT && folder_id == CACHE_ROOT_ID) {
+            ret = 0; /* a folder that went away meanwhile */
+            continue;
+        }
+        if (ret < 0)
+            break;
+        search_hit *grown = realloc(*hits, (*count + n + 1) * sizeof(*grown));
+        if (!grown) {
+            free(uids);
+            ret = -ENOMEM;
+            break;
+        }
+        *hits = grown;
+        for (size_t i = 0; i < n; i++)
+            (*hits)[(*count)++] = HIT(folders[f], uids[i]);
+        free(uids);
+    }
+    free(folders);
+    if (ret < 0) {
+        free(*hits);
+        *hits = NULL;
+        *count = 0;
+        return ret;
+    }
+    qsort(*hits, *count, sizeof(**hits), compare_hits);
+    return 0;
 }
 
 /* Runs the search (without the lock) when it never ran or is older than the
@@ -150,7 +258,8 @@ static int uid_in_results(const struct search_query *query, uint32_t uid)
 static int refresh_query(struct fs_account *account, uint32_t id)
 {
     struct fs_searches *searches = fs_account_searches(account);
-    uint32_t folder_id, *uids = NULL;
+    uint32_t folder_id;
+    search_hit *hits = NULL;
     size_t count = 0;
     char *criteria;
 
@@ -172,21 +281,21 @@ static int refresh_query(struct fs_account *account, uint32_t id)
     if (!criteria)
         return -ENOMEM;
 
-    int ret = fs_account_search(account, folder_id, criteria, &uids, &count);
+    int ret = run_search(account, folder_id, criteria, &hits, &count);
     free(criteria);
     if (ret < 0)
         return ret;
     pthread_mutex_lock(&searches->lock);
     query = query_by_id(searches, id);
     if (query) {
-        free(query->uids);
-        query->uids = uids;
+        free(query->hits);
+        query->hits = hits;
         query->count = count;
         query->searched_at = now_monotonic();
-        uids = NULL;
+        hits = NULL;
     }
     pthread_mutex_unlock(&searches->lock);
-    free(uids);
+    free(hits);
     return query ? 0 : -ENOENT;
 }
 
@@ -249,53 +358,164 @@ static int folder_selectable(struct fs_account *account, uint32_t folder_id)
 
 /* --- operations --- */
 
+/* What a search inode is, with its query (copied out of the table). */
+struct search_node {
+    enum { NODE_SEARCH_DIR, NODE_VIEW, NODE_RESULT } kind;
+    uint32_t folder_id;         /* SEARCH_DIR, VIEW: the folder shown */
+    uint32_t query_id;          /* VIEW, RESULT */
+    uint32_t query_folder;      /* VIEW, RESULT: the query's own folder */
+    size_t index;               /* RESULT */
+    search_hit hit;             /* RESULT */
+};
+
+static int decode(struct fs_searches *searches, fuse_ino_t ino, struct search_node *node)
+{
+    memset(node, 0, sizeof(*node));
+    if (ino & FS_INO_RESULT) {
+        node->kind = NODE_RESULT;
+        node->query_id = result_query(ino);
+        node->index = ino_low(ino);
+    } else if (ino_low(ino) == 0) {
+        node->kind = NODE_SEARCH_DIR;
+        node->folder_id = ino_folder(ino);
+        return 0;
+    } else {
+        node->kind = NODE_VIEW;
+        node->folder_id = ino_folder(ino);
+        node->query_id = ino_low(ino);
+    }
+    pthread_mutex_lock(&searches->lock);
+    struct search_query *query = query_by_id(searches, node->query_id);
+    int ret = 0;
+    if (!query)
+        ret = -ENOENT;
+    else {
+        node->query_folder = query->folder_id;
+        if (node->kind == NODE_RESULT) {
+            if (node->index >= query->count)
+                ret = -ENOENT;
+            else
+                node->hit = query->hits[node->index];
+        } else if (node->folder_id != query->folder_id && query->folder_id != CACHE_ROOT_ID) {
+            ret = -ENOENT; /* only root queries have folder views */
+        }
+    }
+    pthread_mutex_unlock(&searches->lock);
+    return ret;
+}
+
+/* Does a root query have hits in folder_id or below it? */
+static int has_hits_below(struct fs_account *account, struct fs_searches *searches,
+                          uint32_t query_id, uint32_t folder_id)
+{
+    struct cache *cache = fs_account_cache(account);
+    int found = 0;
+
+    pthread_mutex_lock(&searches->lock);
+    struct search_query *query = query_by_id(searches, query_id);
+    cache_lock(cache);
+    for (size_t i = 0; query && i < query->count && !found; i++) {
+        struct cache_folder *folder = cache_folder_by_id(cache, HIT_FOLDER(query->hits[i]));
+        for (; folder; folder = folder->parent)
+            if (folder->id == folder_id) {
+                found = 1;
+                break;
+            }
+    }
+    cache_unlock(cache);
+    pthread_mutex_unlock(&searches->lock);
+    return found;
+}
+
+static int result_stat(struct fs_account *account, struct fs_searches *searches,
+                       uint32_t query_id, size_t index, struct stat *st)
+{
+    pthread_mutex_lock(&searches->lock);
+    struct search_query *query = query_by_id(searches, query_id);
+    struct search_query copy = { 0 };
+    search_hit hit = 0;
+    int ok = query && index < query->count;
+    if (ok) {
+        copy.folder_id = query->folder_id;
+        hit = query->hits[index];
+    }
+    pthread_mutex_unlock(&searches->lock);
+    if (!ok)
+        return -ENOENT;
+    char *target = hit_target(account, &copy, hit);
+    if (!target)
+        return -ENOENT;
+    link_attr(result_ino(query_id, index), strlen(target), st);
+    free(target);
+    return 0;
+}
+
 int fs_search_lookup(struct fs_account *account, fuse_ino_t parent, const char *name,
                      struct fuse_entry_param *entry)
 {
     struct fs_searches *searches = fs_account_searches(account);
-    double timeout = fs_account_dir_timeout(account);
+    struct search_node node;
 
     memset(entry, 0, sizeof(*entry));
-    entry->attr_timeout = entry->entry_timeout = timeout;
+    entry->attr_timeout = entry->entry_timeout = fs_account_dir_timeout(account);
     if (!fs_is_search_ino(parent)) {
-        /* FOLDER/.search */
+        /* FOLDER/.search, or the root's */
         uint32_t folder_id = parent == FUSE_ROOT_ID ? CACHE_ROOT_ID : (uint32_t)(parent >> 32);
-        if (strcmp(name, SEARCH_DIR) != 0 || (uint32_t)parent != 0 ||
-            !folder_selectable(account, folder_id))
+        if (strcmp(name, SEARCH_DIR) != 0 || (parent != FUSE_ROOT_ID && (uint32_t)parent != 0) ||
+            (folder_id != CACHE_ROOT_ID && !folder_selectable(account, folder_id)))
             return 1;
         dir_attr(search_dir_ino(folder_id), &entry->attr);
         entry->ino = entry->attr.st_ino;
         return 0;
     }
-    if (parent & FS_INO_RESULT)
+    int ret = decode(searches, parent, &node);
+    if (ret < 0)
+        return ret;
+    if (node.kind == NODE_RESULT)
         return -ENOTDIR;
-    uint32_t folder_id = ino_folder(parent);
-    if (ino_low(parent) == 0) {
-        /* FOLDER/.search/CRITERIA: search now, so bad criteria fail here */
+    if (node.kind == NODE_SEARCH_DIR) {
+        /* .search/CRITERIA: search now, so bad criteria fail here */
         if (!criteria_ok(name))
             return -EINVAL;
-        uint32_t id = query_get(searches, folder_id, name);
+        uint32_t id = query_get(searches, node.folder_id, name);
         if (!id)
             return -ENOMEM;
-        int ret = refresh_query(account, id);
+        ret = refresh_query(account, id);
         if (ret < 0)
             return ret;
-        dir_attr(query_ino(folder_id, id), &entry->attr);
+        dir_attr(query_ino(node.folder_id, id), &entry->attr);
         entry->ino = entry->attr.st_ino;
         entry->attr_timeout = entry->entry_timeout = 0; /* results change */
         return 0;
     }
-    /* FOLDER/.search/CRITERIA/UID.eml */
-    uint32_t id = ino_low(parent), uid;
-    if (fs_name_to_uid(name, &uid) < 0)
+    /* inside a query: a subfolder's view (root queries), or a match */
+    if (node.query_folder == CACHE_ROOT_ID) {
+        struct cache *cache = fs_account_cache(account);
+        cache_lock(cache);
+        struct cache_folder *folder = cache_folder_by_id(cache, node.folder_id);
+        struct cache_folder *child = folder ? cache_folder_child(folder, name) : NULL;
+        uint32_t child_id = child ? child->id : 0;
+        cache_unlock(cache);
+        if (child_id && has_hits_below(account, searches, node.query_id, child_id)) {
+            dir_attr(query_ino(child_id, node.query_id), &entry->attr);
+            entry->ino = entry->attr.st_ino;
+            entry->attr_timeout = entry->entry_timeout = 0;
+            return 0;
+        }
+    }
+    uint32_t uid;
+    if (fs_name_to_uid(name, &uid) < 0 || node.folder_id == CACHE_ROOT_ID)
         return -ENOENT;
     pthread_mutex_lock(&searches->lock);
-    struct search_query *query = query_by_id(searches, id);
-    int found = query && uid_in_results(query, uid);
+    struct search_query *query = query_by_id(searches, node.query_id);
+    size_t index = query ? hit_position(query, HIT(node.folder_id, uid)) : 0;
+    int found = query && index < query->count && query->hits[index] == HIT(node.folder_id, uid);
     pthread_mutex_unlock(&searches->lock);
     if (!found)
         return -ENOENT;
-    link_attr(id, uid, &entry->attr);
+    ret = result_stat(account, searches, node.query_id, index, &entry->attr);
+    if (ret < 0)
+        return ret;
     entry->ino = entry->attr.st_ino;
     return 0;
 }
@@ -303,79 +523,125 @@ int fs_search_lookup(struct fs_account *account, fuse_ino_t parent, const char *
 int fs_search_getattr(struct fs_account *account, fuse_ino_t ino, struct stat *st)
 {
     struct fs_searches *searches = fs_account_searches(account);
+    struct search_node node;
+    int ret = decode(searches, ino, &node);
 
-    if (ino & FS_INO_RESULT) {
-        uint32_t id = result_query(ino);
-        pthread_mutex_lock(&searches->lock);
-        int known = query_by_id(searches, id) != NULL;
-        pthread_mutex_unlock(&searches->lock);
-        if (!known)
-            return -ENOENT;
-        link_attr(id, ino_low(ino), st);
-        return 0;
-    }
-    if (ino_low(ino) != 0) {
-        pthread_mutex_lock(&searches->lock);
-        int known = query_by_id(searches, ino_low(ino)) != NULL;
-        pthread_mutex_unlock(&searches->lock);
-        if (!known)
-            return -ENOENT;
-    } else if (!folder_selectable(account, ino_folder(ino))) {
+    if (ret < 0)
+        return ret;
+    if (node.kind == NODE_RESULT)
+        return result_stat(account, searches, node.query_id, node.index, st);
+    if (node.kind == NODE_SEARCH_DIR && node.folder_id != CACHE_ROOT_ID &&
+        !folder_selectable(account, node.folder_id))
         return -ENOENT;
-    }
     dir_attr(ino, st);
     return 0;
 }
 
 int fs_search_opendir(struct fs_account *account, fuse_ino_t ino)
 {
-    if (ino & FS_INO_RESULT)
+    struct search_node node;
+    int ret = decode(fs_account_searches(account), ino, &node);
+
+    if (ret < 0)
+        return ret;
+    if (node.kind == NODE_RESULT)
         return -ENOTDIR;
-    return ino_low(ino) ? refresh_query(account, ino_low(ino)) : 0;
+    /* the query's own directory searches again when stale; its folder
+     * views show the same results */
+    if (node.kind == NODE_VIEW && node.folder_id == node.query_folder)
+        return refresh_query(account, node.query_id);
+    return 0;
 }
 
 int fs_search_readdir(struct fs_account *account, fuse_ino_t ino, struct fs_listing *listing,
                       off_t offset)
 {
     struct fs_searches *searches = fs_account_searches(account);
-    uint32_t folder_id = ino_folder(ino), id = ino_low(ino);
+    struct search_node node;
     struct stat st;
     char name[32];
+    off_t k = 0;
+    int ret = decode(searches, ino, &node);
 
-    if (ino & FS_INO_RESULT)
+    if (ret < 0)
+        return ret;
+    if (node.kind == NODE_RESULT)
         return -ENOTDIR;
-    /* "." and "..": the kernel only needs their types here */
+    /* "." and ".." (the kernel only needs their types here); entry k of
+     * the list sits at position 2 + k and its next offset is 3 + k */
     dir_attr(ino, &st);
     if (offset < 1 && !fs_listing_add(listing, ".", &st, 1))
         return 0;
-    dir_attr(id ? search_dir_ino(folder_id) : fs_ino_folder(folder_id), &st);
     if (offset < 2 && !fs_listing_add(listing, "..", &st, 2))
         return 0;
-    /* entry k of the list sits at position 2 + k; its next offset is 3 + k */
-    pthread_mutex_lock(&searches->lock);
-    if (id == 0) {
+
+    if (node.kind == NODE_SEARCH_DIR) {
         /* the queries of this folder, most recent first */
-        off_t k = 0;
+        pthread_mutex_lock(&searches->lock);
         for (struct search_query *query = searches->queries; query; query = query->next) {
-            if (query->folder_id != folder_id)
+            if (query->folder_id != node.folder_id)
                 continue;
             if (2 + k >= offset) {
-                dir_attr(query_ino(folder_id, query->id), &st);
+                dir_attr(query_ino(node.folder_id, query->id), &st);
                 if (!fs_listing_add(listing, query->criteria, &st, 3 + k))
                     break;
             }
             k++;
         }
-    } else {
-        struct search_query *query = query_by_id(searches, id);
-        for (size_t k = 0; query && k < query->count; k++) {
-            if (2 + (off_t)k < offset)
-                continue;
-            fs_name_from_uid(query->uids[k], name, sizeof(name));
-            link_attr(id, query->uids[k], &st);
-            if (!fs_listing_add(listing, name, &st, 3 + (off_t)k))
-                break;
+        pthread_mutex_unlock(&searches->lock);
+        return 0;
+    }
+    if (node.query_folder == CACHE_ROOT_ID) {
+        /* a root query's view of a folder: its subfolders that hold matches */
+        struct cache *cache = fs_account_cache(account);
+        uint32_t children[256];
+        char *names[256];
+        size_t n = 0;
+        cache_lock(cache);
+        struct cache_folder *folder = cache_folder_by_id(cache, node.folder_id);
+        for (struct cache_folder *child = folder ? folder->children : NULL; child && n < 256;
+             child = child->next) {
+            children[n] = child->id;
+            names[n] = strdup(child->name);
+            if (names[n])
+                n++;
         }
+        cache_unlock(cache);
+        int full = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (!full && has_hits_below(account, searches, node.query_id, children[i])) {
+                if (2 + k >= offset) {
+                    dir_attr(query_ino(children[i], node.query_id), &st);
+                    full = !fs_listing_add(listing, names[i], &st, 3 + k);
+                }
+                k++;
+            }
+            free(names[i]);
+        }
+        if (full || node.folder_id == CACHE_ROOT_ID)
+            return 0;
+    }
+    /* the matches in this folder */
+    pthread_mutex_lock(&searches->lock);
+    struct search_query *query = query_by_id(searches, node.query_id);
+    size_t first = query ? hit_position(query, HIT(node.folder_id, 0)) : 0;
+    struct search_query shape = { .folder_id = node.query_folder };
+    for (size_t i = first; query && i < query->count &&
+                           HIT_FOLDER(query->hits[i]) == node.folder_id; i++, k++) {
+        if (2 + k < offset)
+            continue;
+        fs_name_from_uid(HIT_UID(query->hits[i]), name, sizeof(name));
+        /* the target's length: computed without the lock held on the cache */
+        search_hit hit = query->hits[i];
+        pthread_mutex_unlock(&searches->lock);
+        char *target = hit_target(account, &shape, hit);
+        link_attr(result_ino(node.query_id, i), target ? strlen(target) : 0, &st);
+        free(target);
+        int added = fs_listing_add(listing, name, &st, 3 + k);
+        pthread_mutex_lock(&searches->lock);
+        query = query_by_id(searches, node.query_id);
+        if (!added)
+            break;
     }
     pthread_mutex_unlock(&searches->lock);
     return 0;
@@ -383,9 +649,18 @@ int fs_search_readdir(struct fs_account *account, fuse_ino_t ino, struct fs_list
 
 int fs_search_readlink(struct fs_account *account, fuse_ino_t ino, char *buf, size_t size)
 {
-    (void)account;
-    if (!(ino & FS_INO_RESULT))
+    struct search_node node;
+    int ret = decode(fs_account_searches(account), ino, &node);
+
+    if (ret < 0)
+        return ret;
+    if (node.kind != NODE_RESULT)
         return -EINVAL;
-    snprintf(buf, size, "../../%u.eml", ino_low(ino));
-    return 0;
+    struct search_query shape = { .folder_id = node.query_folder };
+    char *target = hit_target(account, &shape, node.hit);
+    if (!target)
+        return -ENOENT;
+    snprintf(buf, size, "%s", target);
+    free(target);
+    return strlen(buf) + 1 < size ? 0 : -ENAMETOOLONG;
 }

@@ -102,7 +102,7 @@ import secrets
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imapserver  # noqa: E402
 from imapserver import (Checker, ServerError, die_with_parent, fixture_messages,  # noqa: E402
-                        free_port, imap_quote, load_manifest, mutf7_encode, _cmdline, _pid_alive)
+                        free_port, imap_quote, load_manifest, mutf7_encode)
 
 HERE = imapserver.HERE
 REPO = imapserver.REPO
@@ -127,6 +127,29 @@ KNOWN_CAPABILITIES = (
     "X-QUOTA=X-NUM-FOLDERS IDLE APPENDLIMIT=4294967295").split()
 # never suppressed: without them the client could not work at all
 ESSENTIAL_CAPABILITIES = {"IMAP4REV1", "STARTTLS", "LOGINDISABLED", "AUTH=PLAIN", "AUTH=LOGIN", "SASL-IR"}
+
+
+def _pid_alive(pid):
+    """pid exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
 
 
 class CyrusChecker(Checker):
@@ -249,7 +272,7 @@ class CyrusServer:
         self.admin_password = None
         self.imaps_port = None
         self.imap_port = None
-        self.pid = None             # the supervisor's (or, without root, master's)
+        self.pid = None             # the supervisor's (it starts and stops master)
         self.proc = None
         self.seeded = None
         self.version = cyrus_version(self.root)

@@ -87,8 +87,8 @@ def stop_cyrus(srv, failed):
     # nothing of it may be left running: neither the supervisor nor master
     assert not srv.running(), f"Cyrus supervisor {srv.pid} still running"
     leftovers = [pid for pid in os.listdir("/proc") if pid.isdigit()
-                 and srv.config_path.encode() in imapserver._cmdline(int(pid))
-                 and imapserver._pid_alive(int(pid))]
+                 and srv.config_path.encode() in cyrusserver._cmdline(int(pid))
+                 and cyrusserver._pid_alive(int(pid))]
     assert not leftovers, f"Cyrus processes left running: {leftovers}"
     if failed:
         sys.stderr.write(f"\nCyrus files kept in {srv.dir} (cyrus.log, master.log)\n")

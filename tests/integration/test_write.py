@@ -32,6 +32,7 @@ import time
 import pytest
 
 import imapserver
+from faultproxy import FaultProxy
 from imapserver import imap_quote
 
 VARIANTS = {"full": None, "imap4rev1": "IMAP4rev1"}
@@ -94,6 +95,11 @@ PREP = {
     "race-two/b": ([], ""),
     "trash-src": (["tr1", "tr2", "tr3"], "\\Seen"),
     "Trash": ([], ""),
+    "fault-append": ([], ""),
+    "fault-move-request/src": (["fmq1", "fmq2", "fmq3"], "\\Seen"),
+    "fault-move-request/dst": ([], ""),
+    "fault-move-answer/src": (["fma1", "fma2", "fma3"], "\\Seen"),
+    "fault-move-answer/dst": ([], ""),
 }
 
 
@@ -884,3 +890,122 @@ def test_two_moves_of_one_message_on_two_mounts(mounter, server, checker):
     assert not wrong, "\n".join(wrong)
     for m in mounts:
         m.unmount()
+
+
+# --------------------------------------------------------------------------
+# a connection killed in the middle of an APPEND or a MOVE
+#
+# tests/integration/faultproxy.py sits between imapfs and Dovecot's IMAPS
+# port and cuts connections after a number of bytes (TLS passes through).
+# Whatever happens, the outcome the tool reports must match the server.
+
+FAULT_TIMEOUT = 5           # -o timeout
+FAULT_LIMIT = 60            # no operation may take longer: no hang
+RECOVERY = 15               # reconnect backoff is at most 10 s
+
+
+@pytest.fixture
+def proxy(server):
+    p = FaultProxy(server.host, server.imaps_port).start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def faulty(mounter, server, proxy):
+    """imapfs -d on imaps:// through the proxy (its log shows where the cut fell)."""
+    return mounter(url=mounter.url(port=proxy.port, server=server),
+                   options=mounter.default_options(server) + [f"timeout={FAULT_TIMEOUT}",
+                                                              "connections=2"],
+                   extra_args=["-d"])
+
+
+def eventually_ls(path):
+    """The listing once the mount has reconnected."""
+    deadline = time.monotonic() + RECOVERY
+    while True:
+        try:
+            return ls(path)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
+
+
+def test_connection_cut_in_the_middle_of_an_append(faulty, proxy, server, checker, tmp_path):
+    """cp of a ~1 MB message; the connection carrying it is cut after 400 KB
+    (inside the literal).  cp fails and nothing is stored, or cp succeeds
+    and the message is there exactly once."""
+    m = faulty
+    folder = "fault-append"
+    mf = os.path.join(m.mountpoint, folder)
+    src, data = local_message(tmp_path, "fault-append", size=1 << 20)
+    assert ls(mf) == []
+    proxy.cut_after(c2s=400_000, scope="all", limit=1)
+    t = time.monotonic()
+    r = run(["cp", src, mf + "/"], )
+    elapsed = time.monotonic() - t
+    proxy.clear_cuts()
+    assert proxy.cuts >= 1, "the cut never happened"
+    assert elapsed < FAULT_LIMIT
+    stored = [uid for uid, body in checker.bodies(folder).items() if body == crlf(data)]
+    others = set(checker.messages(folder)) - set(stored)
+    assert not others, f"something else was stored in {folder}: UIDs {sorted(others)}"
+    if r.returncode == 0:
+        assert len(stored) == 1, f"cp succeeded, but the server holds the message {len(stored)} times"
+    else:
+        assert stored == [], f"cp failed ({r.stdout.strip()}), but the server holds the message as {stored}"
+    assert m.proc.poll() is None, "imapfs died"
+    assert eventually_ls(mf) == names(*stored)
+    m.unmount()
+
+
+@pytest.mark.parametrize("where", ["request", "answer"])
+def test_connection_cut_in_the_middle_of_a_move(where, faulty, proxy, server, checker):
+    """mv src/2.eml dst/ while the connection is cut: in the command itself
+    ("request": the server never gets all of it) or right after it
+    ("answer": the server acts, the answer is lost).  Afterwards the message
+    is live in exactly one folder, and mv's status says which."""
+    m = faulty
+    base = f"fault-move-{where}"
+    src, dst = f"{base}/src", f"{base}/dst"
+    msrc, mdst = os.path.join(m.mountpoint, src), os.path.join(m.mountpoint, dst)
+    body = checker.body(src, 2)
+    assert ls(msrc) == names(1, 2, 3) and ls(mdst) == []
+    # A flag change on src/3.eml leaves a connection with src selected
+    # read-write, so the move sends UID MOVE (or UID COPY) first, with no
+    # SELECT before it.  Twice: the first changes the flags (and the
+    # watcher's poll lists src again, EXAMINE), the second changes nothing.
+    os.setxattr(os.path.join(msrc, "3.eml"), FLAGS_XATTR, b"\\Seen \\Flagged")
+    time.sleep(2.5)
+    os.stat(os.path.join(msrc, "2.eml"))
+    os.setxattr(os.path.join(msrc, "3.eml"), FLAGS_XATTR, b"\\Seen \\Flagged")
+    offset = len(m.log())
+    if where == "request":
+        proxy.cut_after(c2s=8, scope="existing")
+    else:
+        proxy.cut_after(s2c=1, scope="existing")
+    t = time.monotonic()
+    r = run(["mv", os.path.join(msrc, "2.eml"), mdst + "/"])
+    elapsed = time.monotonic() - t
+    proxy.clear_cuts()
+    log = m.log()[offset:]
+    assert proxy.cuts >= 1, "the cut never happened"
+    assert re.search(r"C: \S+ UID (MOVE|COPY) 2 ", log), \
+        f"the move's command was not sent after the cut was armed; log:\n{log[-5000:]}"
+    assert elapsed < FAULT_LIMIT
+    in_src = 2 in live(checker, src)
+    in_dst = [uid for uid, meta in live(checker, dst).items() if checker.body(dst, uid) == body]
+    where_now = (["src"] if in_src else []) + [f"dst UID {uid}" for uid in in_dst]
+    status = f"mv status {r.returncode} {r.stdout.strip()!r}"
+    assert len(where_now) == 1, f"after the cut the message is live in {where_now or 'no folder'} ({status})"
+    if r.returncode == 0:
+        assert in_dst, f"mv succeeded but the message is still in src ({status})"
+    else:
+        assert in_src, f"mv failed but the message moved to dst ({status})"
+    assert m.proc.poll() is None, "imapfs died"
+    assert eventually_ls(msrc) == (names(1, 2, 3) if in_src else names(1, 3))
+    assert eventually_ls(mdst) == names(*in_dst)
+    m.unmount()
