@@ -60,6 +60,7 @@ struct fs_account {
     struct imap_config config;      /* its password points at secret */
     char *secret;                   /* password or OAuth2 token; replaced on refresh */
     char *token_cmd;                /* -o oauth_token_cmd, or NULL */
+    pthread_mutex_t token_lock;     /* one token refresh at a time */
     char **old_secrets;             /* replaced tokens, kept until the end: another
                                        thread may be logging in with one; pool_lock */
     size_t old_secret_count;
@@ -167,6 +168,7 @@ struct fs_account *fs_account_new(const struct fs_options *options,
         return NULL;
     }
     pthread_mutex_init(&account->pool_lock, NULL);
+    pthread_mutex_init(&account->token_lock, NULL);
     pthread_cond_init(&account->pool_changed, NULL);
     pthread_mutex_init(&account->inflight_lock, NULL);
     pthread_cond_init(&account->inflight_done, NULL);
@@ -364,9 +366,62 @@ double fs_account_dir_timeout(const struct fs_account *account) { return account
 struct fs_notifier *fs_account_notifier(struct fs_account *account) { return account->notifier; }
 struct fs_searches *fs_account_searches(struct fs_account *account) { return account->searches; }
 struct fs_mailinfo *fs_account_mailinfo(struct fs_account *account) { return account->mailinfo; }
-const struct imap_config *fs_account_config(const struct fs_account *account) { return &account->config; }
 
 /* ---------------------------------------------------------------- the pool */
+
+/* Logs in a new session.  OAuth2 tokens expire: when the server rejects
+ * one, the token command runs again, once per request (*refreshed). */
+static int open_session(struct fs_account *account, struct imap_session **out, char *err,
+                        size_t errlen, int *refreshed)
+{
+    pthread_mutex_lock(&account->pool_lock);
+    struct imap_config config = account->config; /* the token may be replaced */
+    pthread_mutex_unlock(&account->pool_lock);
+    int ret = imap_session_open(&config, out, err, errlen);
+    if (ret != -EACCES || !account->token_cmd || *refreshed)
+        return ret;
+    *refreshed = 1;
+    /* One refresh at a time: a thread that finds the token already replaced
+     * since it tried just tries the new one (the watcher and a reader
+     * reconnecting together must not run the command twice). */
+    pthread_mutex_lock(&account->token_lock);
+    pthread_mutex_lock(&account->pool_lock);
+    int replaced = account->secret != config.password;
+    config.password = account->secret;
+    pthread_mutex_unlock(&account->pool_lock);
+    if (!replaced) {
+        char why[256];
+        char *fresh = fs_secret_from_command(account->token_cmd, "oauth_token_cmd", why,
+                                             sizeof(why));
+        if (!fresh) {
+            pthread_mutex_unlock(&account->token_lock);
+            log_error("%s", why);
+            return ret;
+        }
+        pthread_mutex_lock(&account->pool_lock);
+        char **grown = realloc(account->old_secrets,
+                               (account->old_secret_count + 1) * sizeof(*grown));
+        if (grown) {
+            account->old_secrets = grown;
+            account->old_secrets[account->old_secret_count++] = account->secret;
+            account->secret = fresh;
+            account->config.password = fresh;
+            config.password = fresh;
+        } else {
+            free(fresh);
+        }
+        pthread_mutex_unlock(&account->pool_lock);
+    }
+    pthread_mutex_unlock(&account->token_lock);
+    return imap_session_open(&config, out, err, errlen);
+}
+
+int fs_account_open_session(struct fs_account *account, struct imap_session **out, char *err,
+                            size_t errlen)
+{
+    int refreshed = 0;
+    return open_session(account, out, err, errlen, &refreshed);
+}
 
 /* An idle session (preferring one with mailbox selected), or a new one.
  * New connections back off after failures (0.25 s doubling to 10 s); a
@@ -404,30 +459,8 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
             if (now >= account->next_connect_at) {
                 /* connect, without the lock */
                 account->open_count++;
-                struct imap_config config = account->config; /* the token may be replaced */
                 pthread_mutex_unlock(&account->pool_lock);
-                int ret = imap_session_open(&config, out, err, sizeof(err));
-                if (ret == -EACCES && account->token_cmd && !refreshed) {
-                    /* OAuth2 tokens expire: a fresh one, once per request */
-                    refreshed = 1;
-                    char *fresh = fs_secret_from_command(account->token_cmd, "oauth_token_cmd");
-                    if (fresh) {
-                        pthread_mutex_lock(&account->pool_lock);
-                        char **grown = realloc(account->old_secrets,
-                                               (account->old_secret_count + 1) * sizeof(*grown));
-                        if (grown) {
-                            account->old_secrets = grown;
-                            account->old_secrets[account->old_secret_count++] = account->secret;
-                            account->secret = fresh;
-                            account->config.password = fresh;
-                            config.password = fresh;
-                        } else {
-                            free(fresh);
-                        }
-                        pthread_mutex_unlock(&account->pool_lock);
-                        ret = imap_session_open(&config, out, err, sizeof(err));
-                    }
-                }
+                int ret = open_session(account, out, err, sizeof(err), &refreshed);
                 pthread_mutex_lock(&account->pool_lock);
                 if (ret == 0) {
                     if (account->offline)

@@ -62,9 +62,9 @@ void fs_options_usage(const char *progname);
 /* Reads the password from password_file, password_cmd, IMAPFS_PASSWORD or
  * the terminal.  Returns a malloc'd string or NULL after printing why. */
 char *fs_password_get(const struct fs_options *options);
-/* First line of a command's output (a password or token); NULL, logged, on
- * failure or empty output.  Caller frees (after OPENSSL_cleanse). */
-char *fs_secret_from_command(const char *command, const char *what);
+/* First line of a command's output (a password or token); NULL on failure
+ * or empty output, with why in err.  Caller frees (after OPENSSL_cleanse). */
+char *fs_secret_from_command(const char *command, const char *what, char *err, size_t errlen);
 
 /* ---------------------------------------------------------------- account */
 
@@ -97,7 +97,10 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
                     struct cache_body **out);
 void fs_account_body_release(struct fs_account *account, struct cache_body *body);
 struct fs_notifier *fs_account_notifier(struct fs_account *account);
-const struct imap_config *fs_account_config(const struct fs_account *account);
+/* Opens a new logged-in session outside the pool (the watcher's), with the
+ * same token refresh as pooled ones.  err gets a sentence on failure. */
+int fs_account_open_session(struct fs_account *account, struct imap_session **out, char *err,
+                            size_t errlen);
 /* Nonzero when the server lacks UIDPLUS: rm can only flag \Deleted, and the
  * mount hides \Deleted messages so rm still looks like rm. */
 int fs_account_hides_deleted(const struct fs_account *account);

@@ -74,7 +74,11 @@ int main(int argc, char *argv[])
     int login = imap_session_open(&config, &first, err, sizeof(err));
     if (login == -EACCES && config.auth != IMAP_AUTH_PASSWORD) {
         /* A rejected token: maybe expired.  Ask for a fresh one, once. */
-        char *fresh = fs_secret_from_command(options.oauth_token_cmd, "oauth_token_cmd");
+        char why[256];
+        char *fresh = fs_secret_from_command(options.oauth_token_cmd, "oauth_token_cmd", why,
+                                             sizeof(why));
+        if (!fresh)
+            snprintf(err, sizeof(err), "%s", why);
         if (fresh) {
             OPENSSL_cleanse(password, strlen(password));
             free(password);

@@ -891,11 +891,11 @@ static char *prompt_password(const char *user, const char *host)
     return password;
 }
 
-char *fs_secret_from_command(const char *command, const char *what)
+char *fs_secret_from_command(const char *command, const char *what, char *err, size_t errlen)
 {
     FILE *pipe = popen(command, "r");
     if (!pipe) {
-        log_error("cannot run %s: %s", what, strerror(errno));
+        snprintf(err, errlen, "cannot run %s: %s", what, strerror(errno));
         return NULL;
     }
     char *secret = first_line(pipe);
@@ -908,10 +908,23 @@ char *fs_secret_from_command(const char *command, const char *what)
         if (secret)
             OPENSSL_cleanse(secret, strlen(secret));
         free(secret);
-        log_error("%s failed (exit status %d) or printed nothing", what,
-                  WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        if (status != 0)
+            snprintf(err, errlen, "%s failed (exit status %d)", what,
+                     WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        else
+            snprintf(err, errlen, "%s printed nothing", what);
         return NULL;
     }
+    return secret;
+}
+
+/* At mount time, a command's failure is the one line the user sees. */
+static char *secret_or_say_why(const char *command, const char *what)
+{
+    char err[256];
+    char *secret = fs_secret_from_command(command, what, err, sizeof(err));
+    if (!secret)
+        fprintf(stderr, "imapfs: %s\n", err);
     return secret;
 }
 
@@ -925,7 +938,7 @@ char *fs_password_get(const struct fs_options *options)
                             "prints a fresh access token)\n", options->auth);
             return NULL;
         }
-        return fs_secret_from_command(options->oauth_token_cmd, "oauth_token_cmd");
+        return secret_or_say_why(options->oauth_token_cmd, "oauth_token_cmd");
     }
 
     if (options->password_file) {
@@ -942,7 +955,7 @@ char *fs_password_get(const struct fs_options *options)
         return password;
     }
     if (options->password_cmd)
-        return fs_secret_from_command(options->password_cmd, "password_cmd");
+        return secret_or_say_why(options->password_cmd, "password_cmd");
     const char *env = getenv("IMAPFS_PASSWORD");
     if (env) {
         password = strdup(env);

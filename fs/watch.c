@@ -108,8 +108,7 @@ static void poll_once(struct fs_watcher *watcher, unsigned round)
     }
     if (!watcher->session) {
         char err[512];
-        if (imap_session_open(fs_account_config(account), &watcher->session, err,
-                              sizeof(err)) < 0) {
+        if (fs_account_open_session(account, &watcher->session, err, sizeof(err)) < 0) {
             log_debug("watcher: %s", err);
             watcher->session = NULL;
         }

@@ -15,14 +15,22 @@ counts its runs in a file and prints line N of a list on run N (the last line
 once the list is used up), so "a rejected token is fetched again once" can be
 checked by counting runs.
 
+Every mount here uses ``-o cache_dir=none``, so what is read comes from the
+server, not from a persistent cache an earlier mount filled.  Dovecot answers
+each rejected token after its 2 s auth_failure_delay; its per-IP auth penalty
+is off in this rig (see imapserver.py), else rejected tokens would pile up
+delays of up to 15 s per login across tests.
+
 Nothing here comes from imapfs's own view: expectations come from the
 checker (imaplib, password login) and from the introspection endpoint.
 """
 
 import base64
+import imaplib
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import threading
@@ -283,8 +291,6 @@ def server_log_since(server, offset):
 def test_rig_dovecot_checks_tokens_with_the_endpoint(oauth_server, endpoint):
     """Guards the rig: Dovecot offers both mechanisms, accepts a good token,
     refuses another one, and asked the endpoint about both."""
-    import imaplib
-    import ssl
     good, bad = new_token("good"), new_token("bad")
     endpoint.good.add(good)
     results = {}
@@ -405,8 +411,12 @@ def test_failing_token_command(case, imapfs, oauth_server, endpoint, tmp_path):
                                       tmp_path)
     assert status != 0, f"exit status 0; stderr: {lines}"
     assert len(lines) == 1, f"want one line on stderr, got {lines}"
-    assert lines[0].startswith("imapfs: ") and "oauth_token_cmd" in lines[0], lines
+    assert "oauth_token_cmd" in lines[0], lines
     assert "some-token" not in text
+    # like every other error before mounting (and password_cmd's before the
+    # OAuth2 change): "imapfs: ...", not the timestamped log format
+    assert lines[0].startswith("imapfs: "), \
+        f"the error is not in imapfs's one-line 'imapfs: ...' form: {lines[0]!r}"
     runs = len(counter.read_text().splitlines()) if counter.exists() else 0
     assert runs == 1, f"token command ran {runs} times"
     assert endpoint.tokens_seen() == [], "a token was presented although the command failed"
