@@ -289,7 +289,7 @@ class TestServer:
 
     def __init__(self, directory=None, host="127.0.0.1", capabilities=None,
                  separator="/", prefix="", fixture_dir=FIXTURE_DIR, seed=True,
-                 tied_to_parent=False, oauth_introspection_url=None):
+                 tied_to_parent=False, oauth_introspection_url=None, quota_storage_kib=None):
         """tied_to_parent: stop Dovecot when this process dies (for pytest);
         scripts/test-server start leaves it running, so it does not.
 
@@ -297,7 +297,11 @@ class TestServer:
         OAUTHBEARER, checked by Dovecot's oauth2 passdb against this RFC 7662
         token-introspection endpoint (POST token=...; the reply must say
         {"active": true, "username": USER}).  Passwords still work for
-        LOGIN/PLAIN (the checker)."""
+        LOGIN/PLAIN (the checker).
+
+        quota_storage_kib: enable Dovecot's quota plugin (count driver) with a
+        STORAGE limit of that many KiB, and the QUOTA extension (GETQUOTAROOT)
+        in IMAP.  None (the default): no quota."""
         self.dir = os.path.abspath(directory) if directory else None
         self.host = host
         self.capabilities = capabilities
@@ -307,6 +311,7 @@ class TestServer:
         self.do_seed = seed
         self.tied_to_parent = tied_to_parent
         self.oauth_introspection_url = oauth_introspection_url
+        self.quota_storage_kib = quota_storage_kib
         self.user = USER
         self.password = None
         self.imaps_port = None
@@ -431,7 +436,7 @@ class TestServer:
             f.write(f"{self.user}:{{PLAIN}}{self.password}::::{home}::\n")
 
         mechanisms = "plain login"
-        oauth_passdb = ""
+        oauth_passdb = passwd_mechanisms = anvil_extra = ""
         if self.oauth_introspection_url:
             mechanisms += " xoauth2 oauthbearer"
             with open(self.path("dovecot-oauth2.conf.ext"), "w") as f:
@@ -441,10 +446,30 @@ username_attribute = username
 active_attribute = active
 active_value = true
 """)
+            # tokens go to the oauth2 passdb only, never to the passwd-file
+            passwd_mechanisms = "  mechanisms = plain login\n"
             oauth_passdb = f"""passdb {{
   driver = oauth2
   mechanisms = xoauth2 oauthbearer
   args = {self.path('dovecot-oauth2.conf.ext')}
+}}
+"""
+            # no anvil auth penalty (a delay of 2, 4, 8, then 15 s before every
+            # login from an IP with recent failures, for 30 s after the last):
+            # tests of rejected tokens would pile it up past their timeouts.
+            # The 2 s delay of each failure reply stays.  (Dovecot 2.3's login
+            # processes do not skip it for login_trusted_networks.)
+            anvil_extra = "  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n"
+        quota_imap = quota_conf = ""
+        if self.quota_storage_kib is not None:
+            # before "protocol imap": $mail_plugins is expanded where it is
+            # read.  The count driver keeps usage in the index; it needs vsizes.
+            quota_imap = "  mail_plugins = $mail_plugins imap_quota\n"
+            quota_conf = f"""mail_plugins = $mail_plugins quota
+plugin {{
+  quota = count:User quota
+  quota_rule = *:storage={int(self.quota_storage_kib)}k
+  quota_vsizes = yes
 }}
 """
         capability = ""
@@ -479,7 +504,7 @@ mail_location = maildir:~/Maildir:LAYOUT=fs
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.path('users')}
-}}
+{passwd_mechanisms}}}
 {oauth_passdb}userdb {{
   driver = passwd-file
   args = username_format=%u {self.path('users')}
@@ -489,9 +514,9 @@ namespace inbox {{
   separator = {self.separator}
   prefix = {self.prefix}
 }}
-protocol imap {{
+{quota_conf}protocol imap {{
   mail_max_userip_connections = 200
-{capability}}}
+{capability}{quota_imap}}}
 service imap-login {{
   chroot =
   inet_listener imap {{
@@ -507,7 +532,7 @@ service imap-login {{
 # no chroot: it needs root, and nothing here is worth jailing
 service anvil {{
   chroot =
-}}
+{anvil_extra}}}
 service imap-urlauth-login {{
   chroot =
 }}
@@ -518,7 +543,8 @@ service imap-urlauth-login {{
     def _save_state(self):
         state = dict(self.env(), config=self.config_path, separator=self.separator,
                      prefix=self.prefix, capabilities=self.capabilities,
-                     oauth_introspection_url=self.oauth_introspection_url)
+                     oauth_introspection_url=self.oauth_introspection_url,
+                     quota_storage_kib=self.quota_storage_kib)
         with open(self.path(STATE_FILE), "w") as f:
             json.dump(state, f, indent=1)
 
@@ -530,7 +556,8 @@ service imap-urlauth-login {{
             state = json.load(f)
         srv = cls(directory, host=state["IMAP_HOST"], capabilities=state.get("capabilities"),
                   separator=state.get("separator", "/"), prefix=state.get("prefix", ""),
-                  oauth_introspection_url=state.get("oauth_introspection_url"))
+                  oauth_introspection_url=state.get("oauth_introspection_url"),
+                  quota_storage_kib=state.get("quota_storage_kib"))
         srv.imaps_port = int(state["IMAPS_PORT"])
         srv.imap_port = int(state["IMAP_PORT"])
         srv.pid = int(state["IMAP_PID"])
@@ -639,6 +666,31 @@ service imap-urlauth-login {{
                 while self.running():
                     time.sleep(0.05)
         self.proc = None
+
+    def restart(self, timeout=30):
+        """Run Dovecot again from the same directory, config, ports and mail
+        (nothing is seeded again), after stop() or to bounce a running
+        server: clients find the same account at the same address."""
+        if self.dir is None or self.imaps_port is None or not os.path.exists(self.config_path):
+            raise ServerError("restart(): this server was never started")
+        self.stop()
+        log = open(self.path("dovecot.stdout"), "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [DOVECOT, "-F", "-c", self.config_path],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+                preexec_fn=die_with_parent if self.tied_to_parent else None)
+        finally:
+            log.close()
+        self.pid = self.proc.pid
+        self._save_state()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def remove(self):
         if self.dir and os.path.isdir(self.dir):
