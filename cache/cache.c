@@ -305,6 +305,19 @@ struct cache_folder *cache_folder_by_path(struct cache *cache, const char *path)
     return folder;
 }
 
+/* Pre-order walk of top's subtree: the folder after each, or NULL. */
+static struct cache_folder *next_in_subtree(struct cache_folder *top, struct cache_folder *each)
+{
+    if (each->children)
+        return each->children;
+    while (each != top) {
+        if (each->next)
+            return each->next;
+        each = each->parent;
+    }
+    return NULL;
+}
+
 static void link_child_sorted(struct cache_folder *parent, struct cache_folder *child)
 {
     struct cache_folder **link = &parent->children;
@@ -322,6 +335,57 @@ static void unlink_child(struct cache_folder *child)
         link = &(*link)->next;
     *link = child->next;
     child->next = NULL;
+}
+
+int cache_folder_move(struct cache *cache, struct cache_folder *folder,
+                      struct cache_folder *new_parent, const char *new_name,
+                      const char *old_prefix, const char *new_prefix)
+{
+    (void)cache;
+    if (!folder->parent || cache_folder_child(new_parent, new_name))
+        return -EEXIST;
+    for (struct cache_folder *up = new_parent; up; up = up->parent)
+        if (up == folder)
+            return -EINVAL; /* into itself */
+    char *name = strdup(new_name);
+    if (!name)
+        return -ENOMEM;
+    /* New mailbox names for the whole subtree first, so nothing changes
+     * unless all of them could be made. */
+    size_t old_len = strlen(old_prefix), count = 0;
+    for (struct cache_folder *each = folder; each; each = next_in_subtree(folder, each))
+        count++;
+    char **renamed = calloc(count, sizeof(*renamed));
+    size_t i = 0;
+    int ret = renamed ? 0 : -ENOMEM;
+    for (struct cache_folder *each = folder; ret == 0 && each;
+         each = next_in_subtree(folder, each), i++) {
+        if (!each->mailbox || strncmp(each->mailbox, old_prefix, old_len) != 0)
+            continue;
+        if (asprintf(&renamed[i], "%s%s", new_prefix, each->mailbox + old_len) < 0) {
+            renamed[i] = NULL;
+            ret = -ENOMEM;
+        }
+    }
+    if (ret < 0) {
+        for (size_t j = 0; renamed && j < count; j++)
+            free(renamed[j]);
+        free(renamed);
+        free(name);
+        return ret;
+    }
+    i = 0;
+    for (struct cache_folder *each = folder; each; each = next_in_subtree(folder, each), i++)
+        if (renamed[i]) {
+            free(each->mailbox);
+            each->mailbox = renamed[i];
+        }
+    free(renamed);
+    unlink_child(folder);
+    free(folder->name);
+    folder->name = name;
+    link_child_sorted(new_parent, folder);
+    return 0;
 }
 
 /* A new, empty, unlisted folder under parent; NULL on out of memory. */

@@ -105,6 +105,15 @@ char *cache_folder_path(const struct cache_folder *folder);
 /* A folder by path from the root ("Lists/notmuch"); NULL if absent. */
 struct cache_folder *cache_folder_by_path(struct cache *cache, const char *path);
 
+/* A folder renamed on the server (RENAME): moves it with its subtree under
+ * new_parent as new_name, keeping ids and UID tables, and rewrites the
+ * mailbox names of the subtree that start with old_prefix to start with
+ * new_prefix.  -EEXIST if new_name is taken, -EINVAL for a move into its own
+ * subtree, -ENOMEM (nothing changed). */
+int cache_folder_move(struct cache *cache, struct cache_folder *folder,
+                      struct cache_folder *new_parent, const char *new_name,
+                      const char *old_prefix, const char *new_prefix);
+
 /* --- UID tables (caller holds cache->lock) --- */
 
 /* Replaces the whole UID table.  messages must be sorted by uid (ascending,

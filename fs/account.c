@@ -432,6 +432,11 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
                            struct imap_session **out)
 {
     double deadline = now_monotonic() + account->config.timeout;
+    /* After this request's first failed connect, it waits only a short
+     * grace for the server (enough to bridge a restart), not the whole
+     * timeout: an unreachable server must give EIO quickly. */
+    double grace = account->config.timeout * 0.5 < 2.0 ? account->config.timeout * 0.5 : 2.0;
+    double first_failure = 0;
     char err[512];
     int refreshed = 0;
 
@@ -454,6 +459,8 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
         }
         int long_outage = account->offline_since &&
                           now - account->offline_since > account->config.timeout;
+        if (first_failure && now - first_failure >= grace)
+            break;
         double wait_until = deadline;
         if (account->open_count < account->max_connections) {
             if (now >= account->next_connect_at) {
@@ -484,6 +491,8 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
                     account->backoff = 10;
                 account->next_connect_at = now_monotonic() + account->backoff;
                 pthread_cond_broadcast(&account->pool_changed);
+                if (!first_failure)
+                    first_failure = now_monotonic();
                 continue;
             }
             if (long_outage)
@@ -493,6 +502,8 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
         }
         if (now >= deadline)
             break;
+        if (first_failure && first_failure + grace < wait_until)
+            wait_until = first_failure + grace;
         double pause = wait_until - now;
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
@@ -1183,6 +1194,8 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
         memset(&table, 0, sizeof(table));
         ret = refresh_folder(account, &old, &state, &table);
     }
+    if (ret < 0 && ret != -ENOENT && ret != -ENOMEM)
+        ret = -EIO; /* a protocol error or a refusal is an I/O error to the caller */
     if (ret < 0) {
         log_warn("cannot list %s: %s%s", old.mailbox, strerror(-ret),
                  old.listed ? "; serving what is cached" : "");
@@ -1429,7 +1442,7 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t f
 static int fetch_batch(struct fs_account *account, struct body_batch *batch, const char *mailbox,
                        const uint32_t *uids, size_t count)
 {
-    int ret = budget_check(account);
+    int ret = budget_check(account), reselected = 0;
 
     for (int attempt = 0; ret == 0 && attempt < 2 && count; attempt++) {
         struct imap_session *session;
@@ -1445,6 +1458,18 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
                 ret = imap_fetch_bodies(session, uids, count, store_body, batch);
             }
             session_release(account, session);
+        }
+        if (ret == 0 && batch->wanted_uid && !batch->wanted && !reselected) {
+            /* The message is in our listing but this session had the folder
+             * selected from before it arrived (a move into it, another
+             * client's APPEND): select again and ask once more. */
+            reselected = 1;
+            if (session_acquire(account, mailbox, &session) == 0) {
+                ret = imap_select_fresh(session, mailbox, 1, NULL);
+                if (ret == 0)
+                    ret = imap_fetch_bodies(session, &batch->wanted_uid, 1, store_body, batch);
+                session_release(account, session);
+            }
         }
         if (ret != -EIO || (batch->wanted_uid && batch->wanted))
             break;
@@ -1767,7 +1792,9 @@ static void learn_message(struct fs_account *account, uint32_t to_id, uint32_t u
     cache_lock(account->cache);
     struct cache_folder *folder = cache_folder_by_id(account->cache, to_id);
     if (folder) {
-        if (message->uid && folder->listed_at > 0 && folder->uidvalidity == uidvalidity)
+        /* Known at once, so the name resolves right after the change; and
+         * when we cannot tell where it went, the folder is listed again. */
+        if (message->uid && folder->uidvalidity == uidvalidity)
             cache_folder_upsert(folder, message);
         else
             folder->listed_at = 0;
@@ -1874,6 +1901,41 @@ static int move_by_copy(struct fs_account *account, struct imap_session *session
     return ret;
 }
 
+struct flag_probe {
+    int found, deleted;
+};
+
+static int probe_flags(void *context, uint32_t uid, const struct imap_value *flags)
+{
+    struct flag_probe *probe = context;
+    (void)uid;
+    probe->found = 1;
+    for (size_t i = 0; i < flags->count; i++)
+        if (imap_value_is_atom(&flags->items[i], "\\Deleted"))
+            probe->deleted = 1;
+    return 0;
+}
+
+/* Before a move by COPY: the source must still be there and not flagged
+ * \Deleted (another client, or another mount, may be moving it right now:
+ * without MOVE the server cannot make the two exclusive, but a flagged
+ * source is the sign).  Also notes the target's UIDNEXT, where to look for
+ * the copy should the COPY's answer be lost. */
+static int copy_precheck(struct imap_session *session, uint32_t uid, const char *to,
+                         uint32_t *to_uidnext)
+{
+    struct flag_probe probe = { 0, 0 };
+    struct imap_mailbox_state state;
+    int ret = imap_fetch_flags(session, uid, uid, 0, probe_flags, &probe);
+
+    if (ret < 0)
+        return ret;
+    if (!probe.found || probe.deleted)
+        return -ENOENT;
+    *to_uidnext = imap_status(session, to, &state) == 0 ? state.uidnext : 0;
+    return 0;
+}
+
 int fs_account_move(struct fs_account *account, uint32_t from_id, uint32_t uid, uint32_t to_id,
                     uint32_t *new_uid)
 {
@@ -1891,14 +1953,20 @@ int fs_account_move(struct fs_account *account, uint32_t from_id, uint32_t uid, 
         free(to_mailbox);
         return ret;
     }
+    int by_copy = 0;
+    uint32_t to_uidnext = 0;
     ret = writable_session(account, ref.mailbox, &session);
     if (ret == 0) {
         ret = imap_uid_move(session, uid, to_mailbox, &result);
-        if (ret == -ENOTSUP)
-            ret = move_by_copy(account, session, ref.mailbox, uid, to_mailbox, &result);
+        if (ret == -ENOTSUP) {
+            by_copy = 1;
+            ret = copy_precheck(session, uid, to_mailbox, &to_uidnext);
+            if (ret == 0)
+                ret = move_by_copy(account, session, ref.mailbox, uid, to_mailbox, &result);
+        }
         session_release(account, session);
     }
-    if (ret == -EIO) {
+    if (ret == -EIO && !by_copy) {
         /* The answer was lost.  MOVE is atomic on the server: if the source
          * is gone, it happened. */
         int exists = uid_exists(account, ref.mailbox, uid);
@@ -1906,6 +1974,26 @@ int fs_account_move(struct fs_account *account, uint32_t from_id, uint32_t uid, 
             log_info("move of UID %u from %s: connection lost, but the server shows it moved",
                      uid, ref.mailbox);
             ret = 0;
+        }
+    } else if (ret == -EIO && !result.uid && to_uidnext) {
+        /* The COPY's answer was lost: is the copy there?  If so, finish the
+         * move; if not, nothing happened.  Never both, never neither. */
+        struct cache_body *body;
+        uint32_t found = 0;
+        if (fs_account_body(account, from_id, uid, &body) == 0) {
+            find_appended(account, to_mailbox, to_uidnext, body->data, body->len, &found);
+            fs_account_body_release(account, body);
+        }
+        if (found) {
+            ret = expunge_uid_retrying(account, ref.mailbox, uid);
+            if (ret == 0) {
+                log_info("move of UID %u from %s: connection lost after the copy; finished",
+                         uid, ref.mailbox);
+                result.uid = found;
+            } else if (expunge_uid_retrying(account, to_mailbox, found) < 0) {
+                log_error("move of UID %u from %s: the message is in both folders", uid,
+                          ref.mailbox);
+            }
         }
     }
     if (ret == 0) {
@@ -2277,8 +2365,32 @@ int fs_account_rename_folder(struct fs_account *account, uint32_t parent_id, con
         ret = child_mailbox(account, new_parent_id, new_name, &to);
     if (ret == 0 && (is_inbox(from) || is_inbox(to)))
         ret = -EPERM;
-    if (ret == 0)
-        ret = folder_command(account, imap_rename, from, to);
+    if (ret == 0) {
+        struct imap_session *session;
+        ret = session_acquire(account, NULL, &session);
+        if (ret == 0) {
+            ret = imap_rename(session, from, to);
+            if (ret < 0 && ret != -EIO)
+                log_warn("RENAME %s: %s", from, imap_session_last_error(session));
+            session_release(account, session);
+        }
+    }
+    if (ret == 0) {
+        /* Move it in the cache first, so the LIST that follows finds it at
+         * its new path and it keeps its id: the kernel's inode for it (and
+         * any process inside it) stays valid. */
+        cache_lock(account->cache);
+        struct cache_folder *folder = cache_folder_by_id(account->cache, id);
+        struct cache_folder *new_parent = cache_folder_by_id(account->cache, new_parent_id);
+        if (folder && new_parent)
+            cache_folder_move(account->cache, folder, new_parent, new_name, from, to);
+        cache_unlock(account->cache);
+    }
+    if (ret == 0 || ret == -EIO) {
+        int reload = fs_account_load_folders(account);
+        if (ret == 0 && reload < 0)
+            ret = reload;
+    }
     free(from);
     free(to);
     return ret;

@@ -232,6 +232,13 @@ static int parse_url(struct fs_options *options)
     user = strndup(rest, (size_t)(at - rest));
     if (!user)
         return -1;
+    if (strchr(user, ':')) {
+        /* imap://user:password@host would put the password in argv and ps */
+        free(user);
+        fprintf(stderr, "imapfs: do not put a password in the URL; use -o password_file=, "
+                        "-o password_cmd= or IMAPFS_PASSWORD (a ':' in the user name is %%3A)\n");
+        return -1;
+    }
     /* %XX decoding (the common case is %40 for @) */
     for (i = j = 0; user[i]; i++, j++) {
         if (user[i] == '%' && isxdigit((unsigned char)user[i + 1]) &&

@@ -13,8 +13,9 @@
  * NOTIFY (RFC 5465) is offered by few servers; a 2-second STATUS poll of the
  * folders in use meets the promise of "within 5 seconds" on every server,
  * and it doubles as the keepalive that stops NAT boxes dropping the
- * connection.  Without CONDSTORE, flag changes by others show up when the
- * listing times out (-o dir_cache_timeout) instead. */
+ * connection.  Without CONDSTORE, STATUS says nothing of flag changes:
+ * folders of up to SMALL_FOLDER messages are then listed again at every
+ * poll, larger ones when their listing times out (-o dir_cache_timeout). */
 #include "fs/fs.h"
 #include "imap/log.h"
 
@@ -26,6 +27,7 @@
 #define POLL_SECONDS 2
 #define ACTIVE_SECONDS 600.0
 #define LIST_EVERY 2
+#define SMALL_FOLDER 5000       /* messages: re-listed each poll without CONDSTORE */
 
 struct fs_watcher {
     struct fs_account *account;
@@ -117,7 +119,12 @@ static void poll_once(struct fs_watcher *watcher, unsigned round)
         struct imap_mailbox_state now;
         if (watcher->session) {
             int ret = imap_status(watcher->session, folders[i].mailbox, &now);
-            if (ret == 0 && !changed(&folders[i].known, &now))
+            /* Without CONDSTORE nothing in STATUS tells of flag changes: a
+             * small folder is listed again each time (a large one waits for
+             * dir_cache_timeout, or costs too much). */
+            int flags_unseen = ret == 0 && !now.highestmodseq &&
+                               folders[i].known.exists <= SMALL_FOLDER;
+            if (ret == 0 && !changed(&folders[i].known, &now) && !flags_unseen)
                 continue;
             if (ret < 0 && imap_session_broken(watcher->session)) {
                 imap_session_close(watcher->session);

@@ -3,8 +3,10 @@
  * New mail.  A file created in a folder lives in memory until it is closed;
  * the first flush (every close() sends one) after data was written APPENDs
  * it, so a failed APPEND makes close() fail and nothing partial is stored.
- * (A flush before any write is a duplicated descriptor closing, as in a
- * shell's `cmd > file`, and is not the end of the file.)  A file closed
+ * (A flush before any write, or from another process than the one that
+ * created the file, is a duplicated or inherited descriptor closing, as in
+ * a shell's `{ cat a; cat b; } > file`, and is not the end of the file:
+ * then the APPEND happens when the creator closes, or at release.)  A file closed
  * without ever being written is offered to the server at release; servers
  * refuse empty messages, so an empty file is not stored.  Line ends are made CRLF
  * on the way.  The message then lists as NEWUID.eml.  Its original name stays
@@ -46,6 +48,8 @@ struct newmail {
     enum newmail_state state;
     int written;                /* a write arrived: a flush before that is a dup'd fd
                                    closing (a shell's `cmd > file`), not the end */
+    pid_t creator;              /* its close() is the end; other processes' (children
+                                   sharing the fd: `{ cat a; cat b; } > f`) are not */
     int error;                  /* NEWMAIL_FAILED: the errno close() reported */
     uint32_t uid;               /* NEWMAIL_APPENDED: the message it became */
     unsigned opens;
@@ -184,7 +188,12 @@ int fs_newmail_lookup(struct fs_account *account, uint32_t folder_id, const char
     if (mail && mail->uid)
         alias_uid = mail->uid;
     pthread_mutex_unlock(&newmail_lock);
-    return alias_uid ? message_stat(account, folder_id, alias_uid, st) : -ENOENT;
+    if (!alias_uid)
+        return -ENOENT;
+    int ret = message_stat(account, folder_id, alias_uid, st);
+    if (ret == -ENOENT && fs_account_load_folder(account, folder_id, 0) == 0)
+        ret = message_stat(account, folder_id, alias_uid, st); /* a folder not listed yet */
+    return ret;
 }
 
 int fs_newmail_getattr(fuse_ino_t ino, struct stat *st)
@@ -323,6 +332,7 @@ void fs_write_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
     mail->folder_id = folder_id;
     mail->date = -1;
     mail->opens = 1;
+    mail->creator = fuse_req_ctx(req)->pid;
     pthread_mutex_lock(&newmail_lock);
     newmail_expire();
     struct newmail *old = newmail_by_name(folder_id, name);
@@ -419,7 +429,9 @@ void fs_newmail_flush(fuse_req_t req, fuse_ino_t ino)
 {
     pthread_mutex_lock(&newmail_lock);
     struct newmail *mail = newmail_by_ino(ino);
-    int pending = mail && (mail->written || mail->state != NEWMAIL_WRITING);
+    pid_t closer = fuse_req_ctx(req)->pid;
+    int pending = mail && (mail->state != NEWMAIL_WRITING ||
+                           (mail->written && closer == mail->creator));
     pthread_mutex_unlock(&newmail_lock);
     int ret = pending ? newmail_commit(account_of(req), mail) : 0;
     fuse_reply_err(req, -ret);

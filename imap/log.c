@@ -28,18 +28,29 @@ void imap_log(enum imap_log_level level, const char *fmt, ...)
 
     if (!imap_log_enabled(level))
         return;
+    /* Messages quote what servers send (mailbox names, BYE texts): control
+     * characters are escaped, so a hostile server can neither forge log
+     * lines nor send escape sequences to a terminal. */
+    char message[2048], safe[4 * sizeof(message)];
     va_start(ap, fmt);
+    vsnprintf(message, sizeof(message), fmt, ap);
+    va_end(ap);
+    size_t j = 0;
+    for (const unsigned char *c = (const unsigned char *)message; *c; c++) {
+        if (*c < 0x20 || *c == 0x7f)
+            j += (size_t)snprintf(safe + j, sizeof(safe) - j, "\\x%02x", *c);
+        else
+            safe[j++] = (char)*c;
+    }
+    safe[j] = '\0';
     if (to_syslog) {
-        vsyslog(priorities[level], fmt, ap);
+        syslog(priorities[level], "%s", safe);
     } else {
         struct timespec now;
         clock_gettime(CLOCK_REALTIME, &now);
         pthread_mutex_lock(&log_lock);
-        fprintf(stderr, "imapfs[%ld.%03ld] %s: ", (long)now.tv_sec % 100000,
-                now.tv_nsec / 1000000, names[level]);
-        vfprintf(stderr, fmt, ap);
-        fputc('\n', stderr);
+        fprintf(stderr, "imapfs[%ld.%03ld] %s: %s\n", (long)now.tv_sec % 100000,
+                now.tv_nsec / 1000000, names[level], safe);
         pthread_mutex_unlock(&log_lock);
     }
-    va_end(ap);
 }

@@ -80,7 +80,8 @@ void imap_parser_default_limits(struct imap_parser_limits *limits)
     limits->max_line = (size_t)16 * 1024 * 1024;   /* a UID SEARCH of 1M messages fits */
     limits->max_literal = (uint64_t)2 * 1024 * 1024 * 1024;
     limits->max_depth = 32;
-    limits->max_values = (size_t)1024 * 1024;      /* bounds a hostile reply to ~60 MB */
+    limits->max_values = (size_t)512 * 1024;       /* bounds a hostile reply to ~50 MB;
+                                                      a plain SEARCH of 500k UIDs fits */
 }
 
 struct imap_parser *imap_parser_new(const struct imap_parser_limits *limits)

@@ -71,7 +71,7 @@ struct imap_parser_limits {
     size_t max_values;      /* values in one response, all levels */
 };
 
-/* Defaults: 16 MiB line text, 2 GiB literal, depth 32, 1M values. */
+/* Defaults: 16 MiB line text, 2 GiB literal, depth 32, 512k values. */
 void imap_parser_default_limits(struct imap_parser_limits *limits);
 
 struct imap_parser;

@@ -503,7 +503,8 @@ class Connection:
                     % (box.uidnext, box.uidvalidity, len(box.messages)) + CRLF,
                     cmd.ok("STATUS completed")]
         if name == "UID SEARCH":
-            uids = b" ".join(b"%d" % m.uid for m in (self.selected.messages if self.selected else []))
+            box = self.selected.messages if self.selected else []
+            uids = b" ".join(b"%d" % m.uid for m in box)
             return [b"* SEARCH" + (b" " + uids if uids else b"") + CRLF, cmd.ok("SEARCH completed")]
         if name == "UID FETCH":
             if self.selected is None:

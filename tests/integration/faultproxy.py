@@ -47,7 +47,39 @@ class _Pair:
         self.closed = False
         self.forwarded = {"c2s": 0, "s2c": 0}
         self.budget = {"c2s": None, "s2c": None}    # bytes left before a cut
+        # skip_records: the budgets count only from the (skip+1)-th TLS record
+        # the client sends (a record header is 5 clear bytes, so the proxy can
+        # tell commands apart without decrypting: one SSL write, one record)
+        self.skip_records = 0
+        self.records = 0
+        self.record_left = 0
+        self.record_header = b""
         self.wake_r, self.wake_w = socket.socketpair()
+
+    def _armed_from(self, data):
+        """Walks client bytes through the TLS record framing; returns the
+        offset in data from which the cut rule applies, or None if not yet."""
+        armed = self.records > self.skip_records
+        start = 0 if armed else None
+        pos = 0
+        while pos < len(data):
+            if self.record_left == 0:
+                if not self.record_header:
+                    header_at = pos
+                need = 5 - len(self.record_header)
+                self.record_header += data[pos:pos + need]
+                pos += min(need, len(data) - pos)
+                if len(self.record_header) == 5:
+                    self.records += 1
+                    if start is None and self.records > self.skip_records:
+                        start = header_at
+                    self.record_left = int.from_bytes(self.record_header[3:5], "big")
+                    self.record_header = b""
+            else:
+                n = min(self.record_left, len(data) - pos)
+                pos += n
+                self.record_left -= n
+        return start
 
     def close(self, reset=False):
         if self.closed:
@@ -97,14 +129,21 @@ class _Pair:
                         break
                     with p._lock:
                         budget = self.budget[direction]
-                        cut = budget is not None and len(data) >= budget
+                        counted_from = 0
+                        if direction == "c2s":
+                            counted_from = self._armed_from(data)
+                        elif self.records <= self.skip_records:
+                            counted_from = None  # the server's bytes count once armed
+                        if counted_from is None:
+                            budget = None
+                        cut = budget is not None and len(data) - counted_from >= budget
                         if cut:
-                            data = data[:budget]
+                            data = data[:counted_from + budget]
                             self.budget = {"c2s": None, "s2c": None}
                             p.cuts += 1
                             p._cut_done()
                         elif budget is not None:
-                            self.budget[direction] = budget - len(data)
+                            self.budget[direction] = budget - (len(data) - counted_from)
                     try:
                         if data:
                             dest.sendall(data)
@@ -239,12 +278,20 @@ class FaultProxy:
         for pair in pairs:
             pair.close(reset)
 
-    def cut_after(self, c2s=None, s2c=None, scope="all", limit=None):
+    def cut_after(self, c2s=None, s2c=None, scope="all", limit=None, skip_records=0):
+        """Cut a connection after c2s client bytes or s2c server bytes; with
+        skip_records=k (existing connections), counting starts at the
+        (k+1)-th TLS record the client sends from now on: its (k+1)-th
+        command."""
         with self._lock:
             self._cut_rule = {"c2s": c2s, "s2c": s2c, "scope": scope, "limit": limit}
             if scope in ("all", "existing"):
                 for pair in self._pairs:
                     pair.budget = {"c2s": c2s, "s2c": s2c}
+                    pair.skip_records = skip_records
+                    pair.records = 0
+                    pair.record_left = 0
+                    pair.record_header = b""
 
     def _cut_done(self):
         # called with _lock held after a pair was cut by the rule

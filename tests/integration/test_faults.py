@@ -88,7 +88,8 @@ def eventually_right(m, expected, folder, uid, within=BACKOFF_MAX + 3):
             break
         assert b"Input/output error" in err, err
         time.sleep(0.25)
-    assert rc == 0, f"{folder}/{uid}.eml still failing {within}s after the network recovered: {err!r}"
+    assert rc == 0, \
+        f"{folder}/{uid}.eml still failing {within}s after the network recovered: {err!r}"
     assert out == expected[folder][uid], f"{folder}/{uid}.eml: wrong bytes after recovery"
 
 
@@ -129,7 +130,8 @@ def test_cut_during_grep(faulty, proxy, expected, fault):
         raise AssertionError(f"grep -r hung after the cut ({fault}); stderr {err[-2000:]!r}")
     proxy.clear_cuts()
     assert proxy.cuts > 0, "the fault never happened (test too slow to inject it?)"
-    found = {int(os.path.basename(line)[:-4]) for line in out.splitlines() if line.endswith(b".eml")}
+    found = {int(os.path.basename(line)[:-4])
+             for line in out.splitlines() if line.endswith(b".eml")}
     assert found <= want, f"grep matched files without the word: {sorted(found - want)}"
     if p.returncode == 0:
         assert found == want, f"grep succeeded but missed {sorted(want - found)}"

@@ -427,6 +427,21 @@ def test_folder_created_deleted_renamed(mount_on, other):
     assert ls(lists) == lists_before
 
 
+def test_folder_created_while_only_the_root_is_listed(mount_on, other):
+    """`ls` of the top directory, again and again, waiting for a folder
+    another client makes: listing the root is using the mount too."""
+    m = mount_on()
+    root = m.mountpoint
+    before = ls(root)
+    assert "INBOX" in before
+    t0 = time.monotonic()
+    create_folder(other, "SyncRootOnly", [make_message("root-only-1")])
+    wait_for("folder created (only the root listed)", lambda: "SyncRootOnly" in (ls(root) or ()),
+             since=t0, describe=lambda: sorted(ls(root) or ()))
+    assert ls(root) == before | {"SyncRootOnly"}
+    assert ls(os.path.join(root, "SyncRootOnly")) == {"1.eml"}
+
+
 # --------------------------------------------------------------------------
 # an expunge under an open file
 
@@ -447,10 +462,12 @@ def test_expunge_while_a_reader_holds_the_file_open(when, mount_on, other):
     assert ls(dpath) == {f"{u}.eml" for u in msgs}
     assert os.stat(path).st_size == len(data)
 
-    with open(path, "rb", buffering=0) as f:
-        got = b""
+    fd = os.open(path, os.O_RDONLY)
+    error = close_error = None
+    got = b""
+    try:
         if when == "partly-read":
-            got = f.read(4096)
+            got = os.read(fd, 4096)
             assert got == data[:4096]
         t0 = time.monotonic()
         expunge(other, folder, [uid])
@@ -458,22 +475,30 @@ def test_expunge_while_a_reader_holds_the_file_open(when, mount_on, other):
             wait_for(f"expunge under an open file ({when})",
                      lambda: f"{uid}.eml" not in (ls(dpath) or {f"{uid}.eml"}), since=t0,
                      describe=lambda: sorted(ls(dpath) or ()))
-        error = None
         try:
             while True:
-                chunk = f.read(65536)
+                chunk = os.read(fd, 65536)
                 if not chunk:
                     break
                 got += chunk
         except OSError as e:
             error = e
+    finally:
+        try:
+            os.close(fd)
+        except OSError as e:
+            close_error = e
+    outcome = f"EIO after {len(got)} bytes" if error else "right bytes"
+    print(f"expunge while open ({when}): read: {error or 'ok, %d bytes' % len(got)}; "
+          f"close: {close_error or 'ok'}")
     if error is not None:
-        assert error.errno == errno.EIO, f"read failed with {error!r}, want EIO or the right bytes"
+        assert error.errno == errno.EIO, \
+            f"read failed with {error!r} after {len(got)} bytes; want EIO or the right bytes"
         assert got == data[:len(got)], "bytes before the error were wrong"
     else:
         assert len(got) == len(data), f"read completed short: {len(got)} of {len(data)} bytes"
         assert got == data, "read completed with wrong bytes"
-    print(f"expunge while open ({when}): {'EIO after %d bytes' % len(got) if error else 'right bytes'}")
+    assert close_error is None, f"close() of a file opened for reading failed: {close_error!r} ({outcome})"
     assert errno_of(os.stat, path) == errno.ENOENT or when == "unread-race"
 
 

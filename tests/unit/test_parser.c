@@ -924,7 +924,7 @@ static void test_defaults(void)
     CHECK(limits.max_line == 16u * 1024 * 1024);
     CHECK(limits.max_literal == 2ull * 1024 * 1024 * 1024);
     CHECK(limits.max_depth == 32);
-    CHECK(limits.max_values == 1024u * 1024);
+    CHECK(limits.max_values == 512u * 1024);
     imap_parser_free(NULL);
     imap_response_free(NULL);
 }
