@@ -2442,7 +2442,9 @@ int fs_account_search(struct fs_account *account, uint32_t folder_id, const char
         ret = session_acquire(account, mailbox, &session);
         if (ret < 0)
             break;
-        ret = imap_select(session, mailbox, 1, NULL);
+        /* EXAMINE again: a session selected earlier would answer from the
+         * view it had then, without mail that came since */
+        ret = imap_select_fresh(session, mailbox, 1, NULL);
         if (ret == 0)
             ret = imap_uid_search(session, criteria, uids, count);
         if (ret == -EINVAL)
@@ -2459,7 +2461,8 @@ int fs_account_search(struct fs_account *account, uint32_t folder_id, const char
 /* ---------------------------------------------------------------- envelopes */
 
 int fs_account_fetch_envelopes(struct fs_account *account, uint32_t folder_id,
-                               uint32_t uidvalidity, imap_envelope_fn *fn, void *context)
+                               uint32_t uidvalidity, uint32_t first, uint32_t last,
+                               imap_envelope_fn *fn, void *context)
 {
     struct imap_session *session;
     struct imap_mailbox_state state;
@@ -2476,7 +2479,7 @@ int fs_account_fetch_envelopes(struct fs_account *account, uint32_t folder_id,
         if (ret == 0 && state.uidvalidity != uidvalidity)
             ret = -ESTALE;
         if (ret == 0)
-            ret = imap_fetch_envelopes(session, fn, context);
+            ret = imap_fetch_envelopes(session, first, last, fn, context);
         session_release(account, session);
         if (ret != -EIO)
             break;

@@ -129,10 +129,11 @@ int fs_account_quota(struct fs_account *account, uint64_t *used, uint64_t *limit
 int fs_account_search(struct fs_account *account, uint32_t folder_id, const char *criteria,
                       uint32_t **uids, size_t *count);
 struct fs_searches *fs_account_searches(struct fs_account *account);
-/* UID FETCH 1:* (UID ENVELOPE) of a folder; -ESTALE if its UIDVALIDITY is
- * no longer uidvalidity. */
+/* UID FETCH first:last (UID ENVELOPE) of a folder (last 0: to the end);
+ * -ENODATA if its UIDVALIDITY is no longer uidvalidity. */
 int fs_account_fetch_envelopes(struct fs_account *account, uint32_t folder_id,
-                               uint32_t uidvalidity, imap_envelope_fn *fn, void *context);
+                               uint32_t uidvalidity, uint32_t first, uint32_t last,
+                               imap_envelope_fn *fn, void *context);
 struct fs_mailinfo *fs_account_mailinfo(struct fs_account *account);
 
 /* fs/mailinfo.c: user.mail.subject / from / date from the ENVELOPE. */
@@ -247,5 +248,6 @@ void fs_write_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name);
 void fs_write_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
                        size_t size, int flags);
 void fs_write_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name);
+void fs_write_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name);
 
 #endif

@@ -6,8 +6,8 @@
  * (UID ENVELOPE)) the first time any of them is asked for, not with every
  * listing: ls, grep and find never pay for them, and the memory they take
  * (a subject and an address per message) is spent only on folders someone
- * looks at this way.  A message that came later than the last fetch makes
- * the next question fetch the folder again (at most every few seconds). */
+ * looks at this way.  A message that came later than the last fetch is
+ * fetched on its own when asked for. */
 #include "fs/fs.h"
 #include "imap/log.h"
 
@@ -148,8 +148,10 @@ int fs_mailinfo_get(struct fs_account *account, uint32_t folder_id, uint32_t uid
         struct folder_fetch *fetch;
         HASH_FIND(hh, info->fetched, &folder_id, sizeof(folder_id), fetch);
         double now = now_monotonic();
-        int fetch_now = attempt == 0 && (!fetch || now - fetch->fetched_at > REFETCH_SECONDS);
-        if (fetch_now) {
+        /* The whole folder the first time (and again after a while); a
+         * message that came since then, just itself. */
+        int whole = !fetch || now - fetch->fetched_at > REFETCH_SECONDS;
+        if (attempt == 0 && whole) {
             if (!fetch && (fetch = calloc(1, sizeof(*fetch)))) {
                 fetch->folder_id = folder_id;
                 HASH_ADD(hh, info->fetched, folder_id, sizeof(fetch->folder_id), fetch);
@@ -158,10 +160,11 @@ int fs_mailinfo_get(struct fs_account *account, uint32_t folder_id, uint32_t uid
                 fetch->fetched_at = now;
         }
         pthread_mutex_unlock(&info->lock);
-        if (!fetch_now)
+        if (attempt > 0)
             break;
         struct fill fill = { info, folder_id, uidvalidity };
-        int ret = fs_account_fetch_envelopes(account, folder_id, uidvalidity, remember, &fill);
+        int ret = fs_account_fetch_envelopes(account, folder_id, uidvalidity, whole ? 1 : uid,
+                                             whole ? 0 : uid, remember, &fill);
         if (ret < 0)
             return ret;
     }

@@ -594,5 +594,6 @@ const struct fuse_lowlevel_ops fs_operations = {
     .rmdir = fs_write_rmdir,
     .setxattr = fs_write_setxattr,
     .removexattr = fs_write_removexattr,
+    .symlink = fs_write_symlink,
     /* mknod, link, symlink: not implemented, so ENOSYS -> EPERM-like refusals */
 };

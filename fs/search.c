@@ -99,7 +99,10 @@ void fs_searches_free(struct fs_searches *searches)
 
 static fuse_ino_t search_dir_ino(uint32_t folder_id) { return FS_INO_SEARCH | (fuse_ino_t)folder_id << 32; }
 static fuse_ino_t query_ino(uint32_t folder_id, uint32_t id) { return search_dir_ino(folder_id) | id; }
-static fuse_ino_t result_ino(uint32_t id, size_t index) { return FS_INO_RESULT | (fuse_ino_t)id << 32 | (uint32_t)index; }
+/* A result's low 32 bits: its UID in a folder's query (stable across
+ * refreshes: a name never comes to mean another message), its index among
+ * the hits in a root query (whose entries are never cached by the kernel). */
+static fuse_ino_t result_ino(uint32_t id, uint32_t low) { return FS_INO_RESULT | (fuse_ino_t)id << 32 | low; }
 static uint32_t ino_folder(fuse_ino_t ino) { return (uint32_t)((ino & ~FS_INO_SEARCH) >> 32); }
 static uint32_t ino_low(fuse_ino_t ino) { return (uint32_t)ino; }
 static uint32_t result_query(fuse_ino_t ino) { return (uint32_t)((ino & ~FS_INO_RESULT) >> 32); }
@@ -337,6 +340,19 @@ static uint32_t query_get(struct fs_searches *searches, uint32_t folder_id, cons
     return id;
 }
 
+static void query_forget(struct fs_searches *searches, uint32_t id)
+{
+    pthread_mutex_lock(&searches->lock);
+    for (struct search_query **link = &searches->queries; *link; link = &(*link)->next)
+        if ((*link)->id == id) {
+            struct search_query *gone = *link;
+            *link = gone->next;
+            query_free(gone);
+            break;
+        }
+    pthread_mutex_unlock(&searches->lock);
+}
+
 /* A criteria string must be one safe line of text. */
 static int criteria_ok(const char *name)
 {
@@ -392,9 +408,15 @@ static int decode(struct fs_searches *searches, fuse_ino_t ino, struct search_no
     else {
         node->query_folder = query->folder_id;
         if (node->kind == NODE_RESULT) {
-            if (node->index >= query->count)
+            if (query->folder_id != CACHE_ROOT_ID) { /* the low bits are a UID */
+                search_hit wanted = HIT(query->folder_id, (uint32_t)node->index);
+                node->index = hit_position(query, wanted);
+                if (node->index >= query->count || query->hits[node->index] != wanted)
+                    ret = -ENOENT;
+            } else if (node->index >= query->count) {
                 ret = -ENOENT;
-            else
+            }
+            if (ret == 0)
                 node->hit = query->hits[node->index];
         } else if (node->folder_id != query->folder_id && query->folder_id != CACHE_ROOT_ID) {
             ret = -ENOENT; /* only root queries have folder views */
@@ -445,7 +467,8 @@ static int result_stat(struct fs_account *account, struct fs_searches *searches,
     char *target = hit_target(account, &copy, hit);
     if (!target)
         return -ENOENT;
-    link_attr(result_ino(query_id, index), strlen(target), st);
+    link_attr(result_ino(query_id, copy.folder_id == CACHE_ROOT_ID ? (uint32_t)index : HIT_UID(hit)),
+              strlen(target), st);
     free(target);
     return 0;
 }
@@ -457,7 +480,7 @@ int fs_search_lookup(struct fs_account *account, fuse_ino_t parent, const char *
     struct search_node node;
 
     memset(entry, 0, sizeof(*entry));
-    entry->attr_timeout = entry->entry_timeout = fs_account_dir_timeout(account);
+    entry->attr_timeout = entry->entry_timeout = 0; /* see fs_search_readdir */
     if (!fs_is_search_ino(parent)) {
         /* FOLDER/.search, or the root's */
         uint32_t folder_id = parent == FUSE_ROOT_ID ? CACHE_ROOT_ID : (uint32_t)(parent >> 32);
@@ -466,6 +489,7 @@ int fs_search_lookup(struct fs_account *account, fuse_ino_t parent, const char *
             return 1;
         dir_attr(search_dir_ino(folder_id), &entry->attr);
         entry->ino = entry->attr.st_ino;
+        entry->attr_timeout = entry->entry_timeout = fs_account_dir_timeout(account);
         return 0;
     }
     int ret = decode(searches, parent, &node);
@@ -481,8 +505,10 @@ int fs_search_lookup(struct fs_account *account, fuse_ino_t parent, const char *
         if (!id)
             return -ENOMEM;
         ret = refresh_query(account, id);
-        if (ret < 0)
+        if (ret < 0) {
+            query_forget(searches, id); /* a refused query is not listed */
             return ret;
+        }
         dir_attr(query_ino(node.folder_id, id), &entry->attr);
         entry->ino = entry->attr.st_ino;
         entry->attr_timeout = entry->entry_timeout = 0; /* results change */
@@ -567,6 +593,9 @@ int fs_search_readdir(struct fs_account *account, fuse_ino_t ino, struct fs_list
         return ret;
     if (node.kind == NODE_RESULT)
         return -ENOTDIR;
+    /* Queries come and go and results change: the kernel keeps none of
+     * these entries, every use looks them up again. */
+    listing->timeout = 0;
     /* "." and ".." (the kernel only needs their types here); entry k of
      * the list sits at position 2 + k and its next offset is 3 + k */
     dir_attr(ino, &st);
@@ -635,7 +664,9 @@ int fs_search_readdir(struct fs_account *account, fuse_ino_t ino, struct fs_list
         search_hit hit = query->hits[i];
         pthread_mutex_unlock(&searches->lock);
         char *target = hit_target(account, &shape, hit);
-        link_attr(result_ino(node.query_id, i), target ? strlen(target) : 0, &st);
+        link_attr(result_ino(node.query_id, node.query_folder == CACHE_ROOT_ID ? (uint32_t)i
+                                                                              : HIT_UID(hit)),
+                  target ? strlen(target) : 0, &st);
         free(target);
         int added = fs_listing_add(listing, name, &st, 3 + k);
         pthread_mutex_lock(&searches->lock);

@@ -766,7 +766,8 @@ void fs_write_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const c
         fuse_reply_err(req, ENOTSUP);
         return;
     }
-    if (strcmp(name, "user.imap.uid") == 0 || strcmp(name, "user.imap.uidvalidity") == 0) {
+    if (strcmp(name, "user.imap.uid") == 0 || strcmp(name, "user.imap.uidvalidity") == 0 ||
+        strncmp(name, "user.mail.", 10) == 0 || strcmp(name, "user.mime_type") == 0) {
         fuse_reply_err(req, EPERM); /* read-only facts */
         return;
     }
@@ -797,4 +798,13 @@ void fs_write_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
         return;
     }
     fuse_reply_err(req, uid_of(ino) ? EPERM : ENODATA);
+}
+
+/* Symlinks are not mail: nothing on the server could hold one. */
+void fs_write_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
+{
+    (void)link;
+    (void)parent;
+    (void)name;
+    fuse_reply_err(req, EPERM);
 }

@@ -145,8 +145,9 @@ int imap_parse_uid_set(const char *set, size_t max_count, uint32_t **uids, size_
 typedef int imap_envelope_fn(void *context, uint32_t uid, const char *date, const char *subject,
                              const char *from);
 
-/* UID FETCH 1:* (UID ENVELOPE) of the selected mailbox. */
-int imap_fetch_envelopes(struct imap_session *session, imap_envelope_fn *fn, void *context);
+/* UID FETCH first:last (UID ENVELOPE) of the selected mailbox; last 0 = "*". */
+int imap_fetch_envelopes(struct imap_session *session, uint32_t first, uint32_t last,
+                         imap_envelope_fn *fn, void *context);
 
 /* Called once per message body; the function takes over body (malloc'd).
  * Return 0, or a negative errno to stop. */

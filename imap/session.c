@@ -1751,8 +1751,11 @@ int imap_uid_search(struct imap_session *session, const char *criteria, uint32_t
 
     *uids = NULL;
     *count = 0;
-    if (strpbrk(criteria, "\r\n") || !*criteria)
+    if (strpbrk(criteria, "\r\n") || !*criteria) {
+        snprintf(session->last_error, sizeof(session->last_error),
+                 "not sent: empty, or a line break in the criteria");
         return -EINVAL;
+    }
     command_add(&cmd, "UID SEARCH ", 11);
     if (imap_session_has_capability(session, "ESEARCH"))
         command_add(&cmd, "RETURN (ALL) ", 13);
@@ -1763,6 +1766,9 @@ int imap_uid_search(struct imap_session *session, const char *criteria, uint32_t
         command_add(&cmd, "CHARSET UTF-8 ", 14);
         ret = add_criteria(session, &cmd, criteria);
     }
+    if (ret == -EINVAL)
+        snprintf(session->last_error, sizeof(session->last_error),
+                 "not sent: an unbalanced quote in the criteria");
     if (ret == 0)
         ret = run_command(session, &cmd, search_handler, &search, NULL);
     free(cmd.buf);
@@ -1842,9 +1848,14 @@ static int envelope_handler(void *context, struct imap_response *response)
     return ret < 0 ? ret : 1;
 }
 
-int imap_fetch_envelopes(struct imap_session *session, imap_envelope_fn *fn, void *context)
+int imap_fetch_envelopes(struct imap_session *session, uint32_t first, uint32_t last,
+                         imap_envelope_fn *fn, void *context)
 {
     struct envelope_context envelopes = { fn, context };
-    return simple_command_with(session, "UID FETCH 1:* (UID ENVELOPE)", envelope_handler,
-                               &envelopes);
+    char text[80];
+    if (last)
+        snprintf(text, sizeof(text), "UID FETCH %u:%u (UID ENVELOPE)", first, last);
+    else
+        snprintf(text, sizeof(text), "UID FETCH %u:* (UID ENVELOPE)", first);
+    return simple_command_with(session, text, envelope_handler, &envelopes);
 }
