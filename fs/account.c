@@ -30,6 +30,7 @@
 #include <openssl/crypto.h>
 
 #define BATCH_MESSAGES 64
+#define READAHEAD_MESSAGES 96     /* how far ahead of a scanning reader */
 #define BATCH_BYTES (4u << 20)
 
 struct readahead_request {
@@ -454,6 +455,17 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
             }
             *out = account->idle[pick];
             account->idle[pick] = account->idle[--account->idle_count];
+            if (!imap_session_idle_ok(*out)) {
+                /* closed by the server while idle (a restart, a timeout):
+                 * drop it and look again */
+                account->open_count--;
+                pthread_mutex_unlock(&account->pool_lock);
+                log_debug("an idle connection was closed by the server; dropping it");
+                imap_session_close(*out);
+                *out = NULL;
+                pthread_mutex_lock(&account->pool_lock);
+                continue;
+            }
             pthread_mutex_unlock(&account->pool_lock);
             return 0;
         }
@@ -1234,7 +1246,17 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
     int reset = folder->uidvalidity && folder->uidvalidity != state.uidvalidity;
     if (reset) {
         log_info("%s: UIDVALIDITY changed, dropping its cache", old.mailbox);
+        /* The same names may now be other messages: the kernel must forget
+         * every old one, its pages and attributes too, not just the names
+         * that went away. */
+        for (size_t i = 0; i < folder->count; i++) {
+            char name[32];
+            fs_name_from_uid(folder->messages[i].uid, name, sizeof(name));
+            fs_notify_entry(account->notifier, fs_ino_folder(folder_id), name);
+            fs_notify_inode(account->notifier, fs_ino_message(folder_id, folder->messages[i].uid));
+        }
         cache_folder_reset(folder, state.uidvalidity);
+        folder->reset_at = now_monotonic();
         cache_bodies_drop_folder(account->bodies, folder_id);
         if (account->disk)
             cache_disk_drop_mailbox(account->disk, old.mailbox);
@@ -1411,16 +1433,19 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t f
         cache_unlock(account->cache);
         return -ENOMEM;
     }
+    /* Looks at no more than the read-ahead window: messages skipped because
+     * they are cached count too, or a mostly cached folder would make every
+     * read walk all the rest of it. */
+    size_t examined = 0;
     for (struct cache_message *message = first;
-         message >= folder->messages && message < folder->messages + folder->count && n < limit;
-         message += step) {
+         message >= folder->messages && message < folder->messages + folder->count && n < limit &&
+         examined < (limit > 1 ? READAHEAD_MESSAGES + BATCH_MESSAGES : 1);
+         message += step, examined++) {
         if (!(must_include && message == first)) {
             if (n && bytes + message->size > BATCH_BYTES)
                 break;
             if (cache_body_contains(account->bodies, folder_id, *uidvalidity, message->uid) ||
-                inflight_find(account, folder_id, message->uid) ||
-                (account->disk && cache_disk_body_present(account->disk, folder->mailbox,
-                                                          *uidvalidity, message->uid)))
+                inflight_find(account, folder_id, message->uid))
                 continue;
         }
         bytes += message->size;
@@ -1442,7 +1467,39 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t f
 static int fetch_batch(struct fs_account *account, struct body_batch *batch, const char *mailbox,
                        const uint32_t *uids, size_t count)
 {
-    int ret = budget_check(account), reselected = 0;
+    int ret = 0, reselected = 0;
+    uint32_t *from_server = NULL;
+
+    /* What the disk cache has is read from there (outside every lock); the
+     * server is asked only for the rest. */
+    if (account->disk && count) {
+        from_server = malloc(count * sizeof(*from_server));
+        if (from_server) {
+            size_t left = 0;
+            for (size_t i = 0; i < count; i++) {
+                char *data;
+                size_t len;
+                if (cache_disk_body_load(account->disk, mailbox, batch->uidvalidity, uids[i], &data,
+                                         &len) < 0) {
+                    from_server[left++] = uids[i];
+                    continue;
+                }
+                if (uids[i] == batch->wanted_uid && !batch->wanted)
+                    batch->wanted = cache_body_insert(account->bodies, batch->folder_id,
+                                                      batch->uidvalidity, uids[i], data, len);
+                else
+                    cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity,
+                                     uids[i], data, len);
+                pthread_mutex_lock(&account->inflight_lock);
+                inflight_clear(account, batch->folder_id, uids[i]);
+                pthread_mutex_unlock(&account->inflight_lock);
+            }
+            uids = from_server;
+            count = left;
+        }
+    }
+    if (count)
+        ret = budget_check(account);
 
     for (int attempt = 0; ret == 0 && attempt < 2 && count; attempt++) {
         struct imap_session *session;
@@ -1478,6 +1535,7 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
     for (size_t i = 0; i < count; i++)
         inflight_clear(account, batch->folder_id, uids[i]);
     pthread_mutex_unlock(&account->inflight_lock);
+    free(from_server);
     return ret;
 }
 
@@ -1490,7 +1548,6 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
  * while the reader reads.  It only ever acts on a read, so it stops when the
  * reader stops, and it never sets \Seen (BODY.PEEK). */
 
-#define READAHEAD_MESSAGES 96
 #define SCAN_GAP 8              /* "sequential": within 8 messages of the last read */
 
 static void *readahead_main(void *arg)
@@ -1603,8 +1660,17 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
     return step;
 }
 
+static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t uid,
+                      struct cache_body **out, int retried_stale);
+
 int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid,
                     struct cache_body **out)
+{
+    return body_fetch(account, folder_id, uid, out, 0);
+}
+
+static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t uid,
+                      struct cache_body **out, int retried_stale)
 {
     uint32_t uids[BATCH_MESSAGES], uidvalidity = 0;
     size_t count = 0;
@@ -1667,6 +1733,15 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
     }
     struct body_batch batch = { account, mailbox, folder_id, uidvalidity, uid, NULL };
     ret = fetch_batch(account, &batch, mailbox, uids, count);
+    if (ret == -ESTALE && !retried_stale) {
+        /* The folder's UIDVALIDITY changed under us: list it again (which
+         * drops what was cached) and, if the name still exists, fetch the
+         * message it now means. */
+        free(mailbox);
+        if (fs_account_load_folder(account, folder_id, 1) < 0)
+            return -EIO;
+        return body_fetch(account, folder_id, uid, out, 1);
+    }
     if (ret == 0 && !batch.wanted)
         ret = -ENOENT; /* expunged by someone else meanwhile */
     if (ret < 0 && batch.wanted) {

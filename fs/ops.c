@@ -379,6 +379,12 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
     struct cache_message *message = visible_message(account, folder, uid);
     uint64_t listed_size = message ? message->size : 0;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    /* Right after a UIDVALIDITY change the kernel may still hold pages of the
+     * message this name meant before: open without keep_cache drops them. */
+    int recently_reset = folder && folder->reset_at > 0 &&
+                         (double)now.tv_sec + (double)now.tv_nsec / 1e9 - folder->reset_at < 60;
     cache_unlock(cache);
     if (!message) {
         fuse_reply_err(req, ENOENT);
@@ -400,7 +406,7 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         fi->direct_io = 1;
         fs_notify_inode(fs_account_notifier(account), ino);
     } else {
-        fi->keep_cache = 1; /* immutable: the page cache stays valid */
+        fi->keep_cache = !recently_reset; /* immutable: the page cache stays valid */
     }
     fi->fh = (uintptr_t)body;
     fi->noflush = 1; /* nothing to flush on a message: spare the round trip */
@@ -498,6 +504,15 @@ static void fs_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
     struct cache *cache = fs_account_cache(account_of(req));
     uint32_t folder_id = ino_folder_id(ino), uid = ino_uid(ino);
     char number[24], *value = NULL;
+
+    /* Only user.* attributes exist here.  EOPNOTSUPP (not ENODATA) for
+     * security.selinux, system.posix_acl_access and the like makes ls -l
+     * stop asking for every file of the mount: 200,000 round trips fewer
+     * for a folder of 100,000 messages. */
+    if (strncmp(name, "user.", 5) != 0) {
+        fuse_reply_err(req, EOPNOTSUPP);
+        return;
+    }
 
     if (!uid || fs_is_search_ino(ino) || fs_is_newmail_ino(ino)) {
         fuse_reply_err(req, ENODATA);
