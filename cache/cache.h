@@ -59,6 +59,7 @@ struct cache_folder {
                                the watcher keeps recently used folders in sync */
     uint32_t scan_uids[4];  /* fs/: where recent readers were, to recognise scans */
     unsigned scan_next;     /* fs/: which of scan_uids to replace next */
+    double reset_at;        /* fs/: monotonic time of the last UIDVALIDITY change */
 
     UT_hash_handle hh;      /* in cache->by_id */
 };

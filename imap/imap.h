@@ -48,6 +48,10 @@ int imap_session_open(const struct imap_config *config, struct imap_session **ou
 /* Sends LOGOUT if the session still works, then frees it. */
 void imap_session_close(struct imap_session *session);
 int imap_session_broken(const struct imap_session *session);
+/* For a session that sat idle in a pool: nonzero if it still looks usable.
+ * An idle connection has nothing to say; if its socket is readable, the
+ * server closed it, reset it or sent BYE (a restart, an idle timeout). */
+int imap_session_idle_ok(const struct imap_session *session);
 /* Nonzero if the server advertised the capability (case-insensitive). */
 int imap_session_has_capability(const struct imap_session *session, const char *name);
 

@@ -21,6 +21,7 @@
 #include "imap/text.h"
 
 #include <ctype.h>
+#include <poll.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -728,6 +729,17 @@ void imap_session_close(struct imap_session *session)
 }
 
 int imap_session_broken(const struct imap_session *session) { return session->broken; }
+
+int imap_session_idle_ok(const struct imap_session *session)
+{
+    struct pollfd pfd = { .fd = session->conn.fd, .events = POLLIN | POLLRDHUP };
+
+    if (session->broken || session->rpos != session->rlen)
+        return 0;
+    if (session->conn.ssl && SSL_pending(session->conn.ssl) > 0)
+        return 0;
+    return poll(&pfd, 1, 0) == 0;
+}
 
 int imap_session_has_capability(const struct imap_session *session, const char *name)
 {
