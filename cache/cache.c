@@ -138,6 +138,19 @@ int cache_folder_set_messages(struct cache_folder *folder, struct cache_message 
     return 0;
 }
 
+size_t cache_folder_lower_bound(const struct cache_folder *folder, uint32_t uid)
+{
+    size_t lo = 0, hi = folder->count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (folder->messages[mid].uid < uid)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
 struct cache_message *cache_folder_find(struct cache_folder *folder, uint32_t uid)
 {
     size_t index = lower_bound(folder, uid);

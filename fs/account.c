@@ -1413,15 +1413,8 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t f
     folder = cache_folder_by_id(account->cache, folder_id);
     struct cache_message *first = NULL;
     if (folder) { /* the first message with uid >= first_uid */
-        size_t lo = 0, hi = folder->count;
-        while (lo < hi) {
-            size_t mid = lo + (hi - lo) / 2;
-            if (folder->messages[mid].uid < first_uid)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        first = lo < folder->count ? &folder->messages[lo] : NULL;
+        size_t at = cache_folder_lower_bound(folder, first_uid);
+        first = at < folder->count ? &folder->messages[at] : NULL;
     }
     if (!first || (must_include && first->uid != first_uid)) {
         cache_unlock(account->cache);
@@ -1595,14 +1588,7 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
     cache_lock(account->cache);
     struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
     if (folder) {
-        size_t lo = 0, hi = folder->count;
-        while (lo < hi) {
-            size_t mid = lo + (hi - lo) / 2;
-            if (folder->messages[mid].uid < uid)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
+        size_t lo = cache_folder_lower_bound(folder, uid);
         /* A reader was at one of the SCAN_GAP messages around this one. */
         size_t cursor = cursors;
         for (size_t i = lo > SCAN_GAP ? lo - SCAN_GAP : 0;

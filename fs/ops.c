@@ -312,16 +312,10 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
         }
         offset = MESSAGE_OFFSET;
     }
+    /* from the first message after the one the last reply ended with */
     uint32_t after = (uint32_t)(offset - MESSAGE_OFFSET);
-    size_t lo = 0, hi = folder->count;
-    while (lo < hi) { /* the first message with uid > after */
-        size_t mid = lo + (hi - lo) / 2;
-        if (folder->messages[mid].uid <= after)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    for (size_t i = lo; i < folder->count; i++) {
+    size_t from = after == UINT32_MAX ? folder->count : cache_folder_lower_bound(folder, after + 1);
+    for (size_t i = from; i < folder->count; i++) {
         const struct cache_message *message = &folder->messages[i];
         if ((message->flags & CACHE_FLAG_DELETED) && fs_account_hides_deleted(account))
             continue;
