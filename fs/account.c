@@ -1619,7 +1619,7 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
         }
     }
     cache_unlock(account->cache);
-    if (!gap_uid)
+    if (!gap_uid || account->max_download) /* no read-ahead on a budget */
         return step;
     pthread_mutex_lock(&account->inflight_lock);
     int coming = inflight_find(account, folder_id, gap_uid) != NULL;
@@ -1706,8 +1706,11 @@ static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t u
     }
     /* A miss.  A scan fetches a batch; a lone read (a mail client opening
      * one message, cat) fetches just its message. */
-    ret = plan_batch(account, folder_id, uid, step ? step : 1, step ? BATCH_MESSAGES : 1, 1,
-                     uids, &count, &uidvalidity, &mailbox);
+    /* With a download budget, only what is read is fetched: read-ahead
+     * would spend the budget on mail nobody asked for. */
+    size_t batch_limit = step && !account->max_download ? BATCH_MESSAGES : 1;
+    ret = plan_batch(account, folder_id, uid, step ? step : 1, batch_limit, 1, uids, &count,
+                     &uidvalidity, &mailbox);
     pthread_mutex_unlock(&account->inflight_lock);
     if (ret < 0) {
         pthread_mutex_lock(&account->inflight_lock);

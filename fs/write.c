@@ -6,10 +6,10 @@
  * (A flush before any write, or from another process than the one that
  * created the file, is a duplicated or inherited descriptor closing, as in
  * a shell's `{ cat a; cat b; } > file`, and is not the end of the file:
- * then the APPEND happens when the creator closes, or at release.)  A file closed
- * without ever being written is offered to the server at release; servers
- * refuse empty messages, so an empty file is not stored.  Line ends are made CRLF
- * on the way.  The message then lists as NEWUID.eml.  Its original name stays
+ * then the APPEND happens when the creator closes, or at release.)  A file
+ * closed without ever being written is not stored (servers refuse empty
+ * messages).  Line ends are made CRLF on the way.  The message then lists as
+ * NEWUID.eml.  Its original name stays
  * an alias of the new message for a while, so tools that write a temporary
  * file and then rename it (rsync), or set its times after close (cp -p), keep
  * working; aliases never show in listings.
@@ -441,7 +441,9 @@ void fs_newmail_release(fuse_req_t req, fuse_ino_t ino)
 {
     pthread_mutex_lock(&newmail_lock);
     struct newmail *mail = newmail_by_ino(ino);
-    int commit = mail && --mail->opens == 0 && mail->state == NEWMAIL_WRITING;
+    /* Never written (touch, or every write refused): there is no message to
+     * store, and servers refuse empty ones anyway. */
+    int commit = mail && --mail->opens == 0 && mail->state == NEWMAIL_WRITING && mail->written;
     pthread_mutex_unlock(&newmail_lock);
     if (commit) /* closed without a flush (killed writer): store what arrived */
         newmail_commit(account_of(req), mail);
