@@ -441,9 +441,14 @@ void fs_newmail_release(fuse_req_t req, fuse_ino_t ino)
 {
     pthread_mutex_lock(&newmail_lock);
     struct newmail *mail = newmail_by_ino(ino);
-    /* Never written (touch, or every write refused): there is no message to
-     * store, and servers refuse empty ones anyway. */
-    int commit = mail && --mail->opens == 0 && mail->state == NEWMAIL_WRITING && mail->written;
+    int last = mail && --mail->opens == 0 && mail->state == NEWMAIL_WRITING;
+    int commit = last && mail->written;
+    if (last && !mail->written) {
+        /* Never written (touch, or every write refused): there is no message
+         * to store, and servers refuse empty ones anyway.  The name goes. */
+        mail->state = NEWMAIL_FAILED;
+        mail->expires = 0;
+    }
     pthread_mutex_unlock(&newmail_lock);
     if (commit) /* closed without a flush (killed writer): store what arrived */
         newmail_commit(account_of(req), mail);

@@ -502,6 +502,31 @@ def test_expunge_while_a_reader_holds_the_file_open(when, mount_on, other):
     assert errno_of(os.stat, path) == errno.ENOENT or when == "unread-race"
 
 
+def test_open_right_after_an_expunge(mount_on, other):
+    """The other client expunges; before the mount can have noticed, a reader
+    opens the (listed, never read) file: it gets the right bytes or an error
+    (ENOENT or EIO), never other or fewer bytes."""
+    folder = "SyncOpenAfter"
+    msgs = create_folder(other, folder, [make_message(f"open-after-{i}", size=5000 + 100 * i)
+                                         for i in range(4)])
+    m = mount_on()
+    dpath = m.folder_path(folder, "/")
+    assert ls(dpath) == {f"{u}.eml" for u in msgs}
+    outcomes = []
+    for uid in sorted(msgs)[1:]:
+        expunge(other, folder, [uid])
+        try:
+            got = read_bytes(os.path.join(dpath, f"{uid}.eml"))
+            outcome = "right bytes" if got == msgs[uid] else f"WRONG: {len(got)} bytes"
+        except OSError as e:
+            outcome = errno.errorcode.get(e.errno, str(e.errno))
+        outcomes.append(outcome)
+    print(f"open right after an expunge: {outcomes}")
+    assert all(o in ("right bytes", "ENOENT", "EIO") for o in outcomes), outcomes
+    first = min(msgs)
+    assert read_bytes(os.path.join(dpath, f"{first}.eml")) == msgs[first]
+
+
 # --------------------------------------------------------------------------
 # UIDVALIDITY
 
