@@ -1090,7 +1090,7 @@ static int refresh_folder(struct fs_account *account, const struct folder_snapsh
     int ret = session_acquire(account, old->mailbox, &session);
 
     if (ret < 0)
-        return ret;
+        return -ENOTCONN; /* not a broken session: no point in a retry */
     ret = imap_select_fresh(session, old->mailbox, 1, state);
     if (ret == 0 && old->listed && old->uidvalidity == state->uidvalidity &&
         old->highestmodseq && state->highestmodseq &&
@@ -1199,7 +1199,7 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
     if (ret != 0)
         return ret > 0 ? 0 : ret;
     ret = refresh_folder(account, &old, &state, &table);
-    if (ret == -EIO) {
+    if (ret == -EIO) { /* a session broke while in use */
         /* Listing is idempotent: once more on a fresh connection (the pooled
          * one may have been closed by the server while idle). */
         free_table(&table);
@@ -1497,6 +1497,8 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
     for (int attempt = 0; ret == 0 && attempt < 2 && count; attempt++) {
         struct imap_session *session;
         ret = session_acquire(account, mailbox, &session);
+        if (ret < 0)
+            break; /* no connection to be had: retrying would wait again */
         if (ret == 0) {
             struct imap_mailbox_state state;
             ret = imap_select(session, mailbox, 1, &state);
@@ -2505,7 +2507,7 @@ int fs_account_search(struct fs_account *account, uint32_t folder_id, const char
     for (int attempt = 0; attempt < 2; attempt++) { /* searching is idempotent */
         ret = session_acquire(account, mailbox, &session);
         if (ret < 0)
-            break;
+            break; /* no connection: no retry */
         /* EXAMINE again: a session selected earlier would answer from the
          * view it had then, without mail that came since */
         ret = imap_select_fresh(session, mailbox, 1, NULL);
