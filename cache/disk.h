@@ -45,6 +45,8 @@ void cache_disk_close(struct cache_disk *disk);
  * otherwise -errno, with nothing left behind. */
 int cache_disk_body_load(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
                          uint32_t uid, char **data, size_t *len);
+/* 0, or -errno with nothing kept; -ENOENT when a cache_disk_drop_mailbox of
+ * the same mailbox ran at the same time (the drop wins). */
 int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
                          uint32_t uid, const char *data, size_t len);
 /* Nonzero if the body is on disk (no check of its contents; the mailbox

@@ -1171,7 +1171,9 @@ static void listing_to_disk(struct fs_account *account, uint32_t folder_id)
         if (listing.messages) {
             /* keywords are shared with the cache's table, read outside the
              * lock: copy them too, the table may change meanwhile */
-            memcpy(listing.messages, folder->messages, folder->count * sizeof(*listing.messages));
+            if (folder->count) /* an empty folder has no array at all */
+                memcpy(listing.messages, folder->messages,
+                       folder->count * sizeof(*listing.messages));
             listing.count = folder->count;
             for (size_t i = 0; i < listing.count; i++)
                 if (listing.messages[i].keywords)

@@ -252,7 +252,8 @@ static int run_search(struct fs_account *account, uint32_t folder_id, const char
         *count = 0;
         return ret;
     }
-    qsort(*hits, *count, sizeof(**hits), compare_hits);
+    if (*count)
+        qsort(*hits, *count, sizeof(**hits), compare_hits);
     return 0;
 }
 

@@ -391,7 +391,7 @@ void fs_write_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size
             mail->cap = cap;
         }
     }
-    if (!err) {
+    if (!err && size) {
         if ((size_t)offset > mail->len) /* a hole reads as zeros */
             memset(mail->data + mail->len, 0, (size_t)offset - mail->len);
         memcpy(mail->data + offset, buf, size);

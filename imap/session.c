@@ -1503,7 +1503,8 @@ int imap_parse_uid_set(const char *set, size_t max_count, uint32_t **uids, size_
             goto bad;
         cursor = end;
     }
-    qsort(out, n, sizeof(*out), compare_u32);
+    if (n) /* qsort wants a valid pointer even for nothing */
+        qsort(out, n, sizeof(*out), compare_u32);
     *uids = out;
     *count = n;
     return 0;
@@ -1581,7 +1582,8 @@ int imap_search_all(struct imap_session *session, uint32_t **uids, size_t *count
         free(search.uids);
         return ret;
     }
-    qsort(search.uids, search.count, sizeof(*search.uids), compare_u32);
+    if (search.count)
+        qsort(search.uids, search.count, sizeof(*search.uids), compare_u32);
     *uids = search.uids;
     *count = search.count;
     return 0;
@@ -1788,7 +1790,8 @@ int imap_uid_search(struct imap_session *session, const char *criteria, uint32_t
         free(search.uids);
         return ret == -EIO && !session->broken ? -EINVAL : ret;
     }
-    qsort(search.uids, search.count, sizeof(*search.uids), compare_u32);
+    if (search.count)
+        qsort(search.uids, search.count, sizeof(*search.uids), compare_u32);
     *uids = search.uids;
     *count = search.count;
     return 0;
