@@ -1504,6 +1504,10 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
         if (ret == 0) {
             struct imap_mailbox_state state;
             ret = imap_select(session, mailbox, 1, &state);
+            /* This session's selection may predate a delete and re-create of
+             * the mailbox: only a fresh SELECT can say it really changed. */
+            if (ret == 0 && state.uidvalidity != batch->uidvalidity)
+                ret = imap_select_fresh(session, mailbox, 1, &state);
             if (ret == 0 && state.uidvalidity != batch->uidvalidity)
                 ret = -ESTALE; /* the folder was rebuilt; its next listing resets the cache */
             if (ret == 0) {
@@ -2544,6 +2548,8 @@ int fs_account_fetch_envelopes(struct fs_account *account, uint32_t folder_id,
         if (ret < 0)
             break;
         ret = imap_select(session, mailbox, 1, &state);
+        if (ret == 0 && state.uidvalidity != uidvalidity) /* maybe a stale selection */
+            ret = imap_select_fresh(session, mailbox, 1, &state);
         if (ret == 0 && state.uidvalidity != uidvalidity)
             ret = -ESTALE;
         if (ret == 0)
