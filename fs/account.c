@@ -227,11 +227,6 @@ int fs_account_offline(struct fs_account *account)
     return offline;
 }
 
-int fs_account_has_disk_cache(const struct fs_account *account)
-{
-    return account->disk != NULL;
-}
-
 void fs_account_free(struct fs_account *account)
 {
     if (!account)
@@ -1694,26 +1689,9 @@ static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t u
             break;
         pthread_cond_wait(&account->inflight_done, &account->inflight_lock);
     }
-    /* Not in memory: the disk cache, then the server.  The message is marked
-     * in flight while the disk is read, so another reader waits for it
-     * instead of fetching it too. */
-    if (account->disk && (ret = inflight_mark(account, folder_id, uid)) == 0) {
-        pthread_mutex_unlock(&account->inflight_lock);
-        char *mailbox_name = folder_mailbox(account, folder_id), *data;
-        size_t len;
-        if (mailbox_name &&
-            cache_disk_body_load(account->disk, mailbox_name, uidvalidity, uid, &data, &len) == 0)
-            *out = cache_body_insert(account->bodies, folder_id, uidvalidity, uid, data, len);
-        free(mailbox_name);
-        pthread_mutex_lock(&account->inflight_lock);
-        inflight_clear(account, folder_id, uid);
-        if (*out) {
-            pthread_mutex_unlock(&account->inflight_lock);
-            return 0;
-        }
-    }
     /* A miss.  A scan fetches a batch; a lone read (a mail client opening
-     * one message, cat) fetches just its message. */
+     * one message, cat) fetches just its message.  fetch_batch reads from the
+     * disk cache whatever it has, the server only the rest. */
     /* With a download budget, only what is read is fetched: read-ahead
      * would spend the budget on mail nobody asked for. */
     size_t batch_limit = step && !account->max_download ? BATCH_MESSAGES : 1;

@@ -78,7 +78,6 @@ struct fs_account *fs_account_new(const struct fs_options *options,
 void fs_account_free(struct fs_account *account);
 /* Mounted from the disk cache with no server yet: changes give EROFS. */
 int fs_account_offline(struct fs_account *account);
-int fs_account_has_disk_cache(const struct fs_account *account);
 /* Starts the account's threads (read-ahead); after daemonizing. */
 int fs_account_start(struct fs_account *account);
 struct cache *fs_account_cache(struct fs_account *account);

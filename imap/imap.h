@@ -170,9 +170,6 @@ int imap_parse_internaldate(const char *text, int64_t *out);
  * returns the length, or -ENOSPC. */
 int imap_format_uid_set(char *buf, size_t buflen, const uint32_t *uids, size_t count);
 
-/* NOOP: a cheap check that the connection still works; also collects
- * unsolicited updates. */
-int imap_noop(struct imap_session *session);
 
 /* --- changes (the selected mailbox must be selected read-write) --- */
 

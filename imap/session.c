@@ -793,7 +793,6 @@ const char *imap_session_selected(const struct imap_session *session)
     return session->selected;
 }
 
-int imap_noop(struct imap_session *session) { return simple_command(session, "NOOP"); }
 
 /* ---------------------------------------------------------------- LIST */
 
