@@ -85,6 +85,7 @@ import email.utils
 import grp
 import json
 import os
+import hashlib
 import pwd
 import re
 import select
@@ -188,8 +189,40 @@ class CyrusChecker(Checker):
         return out
 
 
+def _reachable_by_others(path):
+    """Every directory from / down to path lets others through (o+x)."""
+    path = os.path.abspath(path)
+    while True:
+        try:
+            if not os.stat(path).st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
+
+
 def cyrus_root():
-    return CYRUS_ROOT
+    """The unpacked Cyrus, where Cyrus (running as nobody) can reach it.  A
+    checkout under a private directory (mktemp -d makes 0700 ones) is not
+    such a place: then the tree is mirrored once into /tmp."""
+    if not os.path.isdir(CYRUS_ROOT) or _reachable_by_others(CYRUS_ROOT):
+        return CYRUS_ROOT
+    stamp = os.path.join(os.path.dirname(CYRUS_ROOT), "stamp")
+    try:
+        with open(stamp, "rb") as f:
+            tag = hashlib.sha256(f.read()).hexdigest()[:12]
+    except OSError:
+        tag = "nostamp"
+    mirror = f"/tmp/imapfs-cyrus-root-{os.getuid()}-{tag}"
+    if not os.path.isfile(os.path.join(mirror, ".complete")):
+        shutil.rmtree(mirror, ignore_errors=True)
+        subprocess.run(["cp", "-a", CYRUS_ROOT, mirror], check=True)
+        os.chmod(mirror, 0o755)
+        open(os.path.join(mirror, ".complete"), "w").close()
+    return mirror
 
 
 def multiarch():
