@@ -1041,7 +1041,8 @@ static int snapshot_folder(struct fs_account *account, uint32_t folder_id, int f
         cache_unlock(account->cache);
         return -ENOENT;
     }
-    folder->used_at = now_monotonic();
+    if (force != FS_LOAD_WATCHER)
+        folder->used_at = now_monotonic();
     if (!folder->selectable ||
         (!force && folder->listed_at > 0 &&
          now_monotonic() - folder->listed_at < account->dir_cache_timeout)) {

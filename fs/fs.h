@@ -27,6 +27,7 @@ struct fs_options {
     char *tls;                  /* NULL, or "none" */
     unsigned connections;       /* pool size, default 4 */
     double dir_cache_timeout;   /* seconds a listing is served before a refresh */
+    unsigned poll_interval;     /* seconds between the watcher's polls (fs/watch.c) */
     char *cache_size;           /* body cache limit, "256M" style */
     unsigned timeout;           /* seconds for any one network wait */
     char *trash;                /* rm moves here: a folder path, or "auto" for \Trash */
@@ -88,7 +89,9 @@ int fs_account_load_folders(struct fs_account *account);
 /* The folder tree from the disk cache (an offline mount); -ENOENT if none. */
 int fs_account_load_folders_offline(struct fs_account *account);
 /* Makes sure the folder's UID table is no older than the listing timeout
- * (force: refresh now).  0, -ENOENT (folder gone) or -EIO. */
+ * (force: refresh now; FS_LOAD_WATCHER: now, and it does not count as the
+ * mount using the folder).  0, -ENOENT (folder gone) or -EIO. */
+#define FS_LOAD_WATCHER 2
 int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int force);
 /* The body of one message, referenced: release with fs_account_body_release.
  * Fetches it, and the next messages of a sequential scan with it, on a miss. */
@@ -164,7 +167,7 @@ void fs_notify_inode(struct fs_notifier *notifier, fuse_ino_t ino);
 /* A thread that keeps recently used folders in step with other clients
  * (fs/watch.c).  Start after daemonizing; stop before freeing the account. */
 struct fs_watcher;
-struct fs_watcher *fs_watcher_start(struct fs_account *account);
+struct fs_watcher *fs_watcher_start(struct fs_account *account, unsigned poll_seconds);
 void fs_watcher_stop(struct fs_watcher *watcher);
 
 /* ---------------------------------------------------------------- FUSE ops */

@@ -224,4 +224,38 @@ int imap_quota_storage(struct imap_session *session, const char *mailbox, uint64
  * error messages in the log. */
 const char *imap_session_last_error(const struct imap_session *session);
 
+/* --- push: NOTIFY (RFC 5465) and IDLE (RFC 2177) ---
+ * A session used for push belongs to one watcher thread.  What the server
+ * pushes reaches the unsolicited callback (imap_session_set_unsolicited);
+ * imap_response_change says what it means. */
+
+/* NOOP: a keepalive, and a chance for the server to speak. */
+int imap_noop(struct imap_session *session);
+/* NOTIFY SET for every personal mailbox: message and flag changes, and
+ * mailboxes created, deleted or renamed.  Only where the server offers NOTIFY. */
+int imap_notify_set(struct imap_session *session);
+/* IDLE on the selected mailbox: returns once the server said "+ idling".
+ * No other command may run on the session until imap_idle_end. */
+int imap_idle_begin(struct imap_session *session);
+/* DONE, and reads to the IDLE's tagged answer (0 if not idling). */
+int imap_idle_end(struct imap_session *session);
+/* Waits up to timeout_ms (-1: no limit) for data the server sends of its own
+ * accord, hands each response to the unsolicited callback, and returns how
+ * many there were once nothing more is waiting: 0 when the time ran out or
+ * wake_fd (ignored if < 0) became readable, which this never reads.  A
+ * negative errno when the connection broke or the server said BYE. */
+int imap_session_wait(struct imap_session *session, int wake_fd, int timeout_ms);
+
+enum imap_change {
+    IMAP_CHANGE_NONE,
+    IMAP_CHANGE_MAILBOX,    /* NOTIFY's STATUS for a named, not selected mailbox */
+    IMAP_CHANGE_SELECTED,   /* EXISTS, EXPUNGE, FETCH or VANISHED: the selected mailbox */
+    IMAP_CHANGE_FOLDERS,    /* LIST: a mailbox was created, deleted or renamed */
+    IMAP_CHANGE_OVERFLOW,   /* NOTIFICATIONOVERFLOW: notifications stopped; anything may have changed */
+};
+/* What an unsolicited response says changed.  For IMAP_CHANGE_MAILBOX,
+ * *mailbox is its name as the server sent it (pointing into response). */
+enum imap_change imap_response_change(const struct imap_response *response,
+                                      const char **mailbox);
+
 #endif

@@ -49,6 +49,8 @@ struct imap_session {
     void *unsolicited_context;
     const char *host;           /* for messages; points into the config */
     char last_error[256];       /* text of the last tagged NO/BAD */
+    char idle_tag[16];          /* the running IDLE command's tag; "" when not idling */
+    int logging_out;            /* LOGOUT sent: its BYE is no news */
 };
 
 /* A command being built: text with literals.  A synchronizing literal
@@ -142,7 +144,7 @@ static int fail(struct imap_session *session, int err)
 {
     if (err == -EIO || err == -ETIMEDOUT || err == -EPROTO || err == -EMSGSIZE ||
         err == -ECONNRESET || err == -ENOMEM) {
-        if (!session->broken)
+        if (!session->broken && !session->logging_out)
             log_warn("connection to %s lost: %s", session->host, strerror(-err));
         session->broken = 1;
         return -EIO;
@@ -411,7 +413,8 @@ static int run_command(struct imap_session *session, struct command *cmd,
             continue;
         }
         if (response->status == IMAP_STATUS_BYE) {
-            log_warn("%s closed the connection: %s", session->host, response->text);
+            if (!session->logging_out)
+                log_warn("%s closed the connection: %s", session->host, response->text);
             imap_response_free(response);
             return fail(session, -ECONNRESET);
         }
@@ -718,6 +721,9 @@ void imap_session_close(struct imap_session *session)
     if (!session->broken) {
         int saved = session->conn.timeout_ms;
         session->conn.timeout_ms = saved < 2000 ? saved : 2000; /* don't linger */
+        if (session->idle_tag[0])
+            imap_idle_end(session);
+        session->logging_out = 1;
         simple_command(session, "LOGOUT");
     }
     imap_conn_close(&session->conn);
@@ -1872,4 +1878,178 @@ int imap_fetch_envelopes(struct imap_session *session, uint32_t first, uint32_t 
     else
         snprintf(text, sizeof(text), "UID FETCH %u:* (UID ENVELOPE)", first);
     return simple_command_with(session, text, envelope_handler, &envelopes);
+}
+
+
+/* ---------------------------------------------------------------- push */
+
+int imap_noop(struct imap_session *session)
+{
+    return simple_command(session, "NOOP");
+}
+
+int imap_notify_set(struct imap_session *session)
+{
+    /* Every personal mailbox: new and expunged messages and flag changes come
+     * as STATUS, created/deleted/renamed mailboxes as LIST (RFC 5465). */
+    return simple_command(session, "NOTIFY SET (personal (MessageNew MessageExpunge "
+                                   "FlagChange MailboxName))");
+}
+
+/* An untagged response outside any command: BYE ends the session, the rest
+ * goes where a running command's unsolicited data goes. */
+static int deliver_untagged(struct imap_session *session, const struct imap_response *response)
+{
+    if (response->kind == IMAP_RESP_TAGGED) {
+        log_warn("unexpected tag %s from %s", response->tag, session->host);
+        return fail(session, -EPROTO);
+    }
+    if (response->kind == IMAP_RESP_CONTINUATION)
+        return 0;   /* an IDLE server's reminder; nothing to answer */
+    if (response->status == IMAP_STATUS_BYE) {
+        log_warn("%s closed the connection: %s", session->host, response->text);
+        return fail(session, -ECONNRESET);
+    }
+    if (!session_absorb(session, response) && session->unsolicited)
+        session->unsolicited(session->unsolicited_context, session, response);
+    return 0;
+}
+
+int imap_session_wait(struct imap_session *session, int wake_fd, int timeout_ms)
+{
+    int delivered = 0;
+
+    for (;;) {
+        if (session->broken)
+            return -EIO;
+        int buffered = session->rpos < session->rlen ||
+                       (session->conn.ssl && SSL_pending(session->conn.ssl) > 0);
+        if (!buffered) {
+            struct pollfd fds[2] = {
+                { .fd = session->conn.fd, .events = POLLIN },
+                { .fd = wake_fd, .events = POLLIN },
+            };
+            int n = poll(fds, wake_fd >= 0 ? 2 : 1, delivered ? 0 : timeout_ms);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0)
+                return -errno;
+            if (n == 0 || (wake_fd >= 0 && (fds[1].revents & POLLIN)))
+                return delivered;
+        }
+        struct imap_response *response;
+        int ret = read_response(session, &response);
+        if (ret < 0)
+            return ret;
+        ret = deliver_untagged(session, response);
+        imap_response_free(response);
+        if (ret < 0)
+            return ret;
+        delivered++;
+    }
+}
+
+int imap_idle_begin(struct imap_session *session)
+{
+    struct command cmd = { .redact_from = -1 };
+    int ret;
+
+    if (session->broken)
+        return -EIO;
+    if (session->idle_tag[0])
+        return 0;
+    snprintf(session->idle_tag, sizeof(session->idle_tag), "A%u", ++session->next_tag);
+    command_addf(&cmd, "%s IDLE\r\n", session->idle_tag);
+    if (cmd.failed) {
+        session->idle_tag[0] = '\0';
+        return cmd.failed;
+    }
+    trace_command(&cmd);
+    ret = imap_conn_write(&session->conn, cmd.buf, cmd.len);
+    free(cmd.buf);
+    if (ret < 0)
+        return fail(session, ret);
+    for (;;) {
+        struct imap_response *response;
+        ret = read_response(session, &response);
+        if (ret < 0)
+            return ret;
+        if (response->kind == IMAP_RESP_CONTINUATION) {
+            imap_response_free(response);
+            return 0;
+        }
+        if (response->kind == IMAP_RESP_TAGGED && strcmp(response->tag, session->idle_tag) == 0) {
+            /* refused (a server that lists IDLE but will not do it now) */
+            ret = response->status == IMAP_STATUS_OK ? -EPROTO : imap_status_errno(response);
+            session->idle_tag[0] = '\0';
+            imap_response_free(response);
+            return ret;
+        }
+        ret = deliver_untagged(session, response);
+        imap_response_free(response);
+        if (ret < 0)
+            return ret;
+    }
+}
+
+int imap_idle_end(struct imap_session *session)
+{
+    int ret;
+
+    if (!session->idle_tag[0])
+        return 0;
+    if (session->broken)
+        return -EIO;
+    log_debug("C: DONE");
+    ret = imap_conn_write(&session->conn, "DONE\r\n", 6);
+    if (ret < 0)
+        return fail(session, ret);
+    for (;;) {
+        struct imap_response *response;
+        ret = read_response(session, &response);
+        if (ret < 0)
+            return ret;
+        if (response->kind == IMAP_RESP_TAGGED && strcmp(response->tag, session->idle_tag) == 0) {
+            ret = response->status == IMAP_STATUS_OK ? 0 : imap_status_errno(response);
+            session->idle_tag[0] = '\0';
+            imap_response_free(response);
+            return ret;
+        }
+        ret = deliver_untagged(session, response);
+        imap_response_free(response);
+        if (ret < 0)
+            return ret;
+    }
+}
+
+enum imap_change imap_response_change(const struct imap_response *response,
+                                      const char **mailbox)
+{
+    *mailbox = NULL;
+    if (response->kind != IMAP_RESP_UNTAGGED)
+        return IMAP_CHANGE_NONE;
+    if (response->status == IMAP_STATUS_OK && response->code &&
+        strncasecmp(response->code, "NOTIFICATIONOVERFLOW", 20) == 0)
+        return IMAP_CHANGE_OVERFLOW;
+    if (response->status != IMAP_STATUS_NONE || response->count < 2)
+        return IMAP_CHANGE_NONE;
+    const struct imap_value *first = &response->items[0];
+    if (imap_value_is_atom(first, "STATUS")) {
+        const struct imap_value *name = &response->items[1];
+        if (name->kind != IMAP_VALUE_ATOM && name->kind != IMAP_VALUE_STRING &&
+            name->kind != IMAP_VALUE_NUMBER)
+            return IMAP_CHANGE_NONE;
+        *mailbox = name->str;
+        return IMAP_CHANGE_MAILBOX;
+    }
+    if (imap_value_is_atom(first, "LIST") || imap_value_is_atom(first, "LSUB"))
+        return IMAP_CHANGE_FOLDERS;
+    if (imap_value_is_atom(first, "VANISHED"))
+        return IMAP_CHANGE_SELECTED;
+    const struct imap_value *kind = &response->items[1];     /* "* 5 EXISTS" */
+    if (first->kind == IMAP_VALUE_NUMBER &&
+        (imap_value_is_atom(kind, "EXISTS") || imap_value_is_atom(kind, "EXPUNGE") ||
+         imap_value_is_atom(kind, "FETCH")))
+        return IMAP_CHANGE_SELECTED;
+    return IMAP_CHANGE_NONE;
 }

@@ -3,7 +3,8 @@
 It speaks just enough IMAP4rev1 to get imapfs mounted and reading:
 greeting, CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN (SASL-IR),
 ENABLE, LIST, EXAMINE/SELECT, UID FETCH (metadata and BODY.PEEK[]),
-UID SEARCH, STATUS, NOOP, UNSELECT, LOGOUT.  Everything else gets BAD.
+UID SEARCH, STATUS, NOOP, UNSELECT, IDLE, NOTIFY, LOGOUT.  Everything else
+gets BAD.
 
 What makes it useful is that a test can replace or splice any answer:
 
@@ -502,6 +503,13 @@ class Connection:
             return [b"* STATUS " + quote(box.name) + b" (UIDNEXT %d UIDVALIDITY %d MESSAGES %d)"
                     % (box.uidnext, box.uidvalidity, len(box.messages)) + CRLF,
                     cmd.ok("STATUS completed")]
+        if name == "IDLE":      # wait for DONE; a hook can push data first
+            self.send(b"+ idling" + CRLF)
+            while self._line().strip().upper() != b"DONE":
+                pass
+            return [cmd.ok("IDLE terminated")]
+        if name == "NOTIFY":    # accepted; a hook pushes what it likes
+            return [cmd.ok("NOTIFY completed")]
         if name == "UID SEARCH":
             box = self.selected.messages if self.selected else []
             uids = b" ".join(b"%d" % m.uid for m in box)

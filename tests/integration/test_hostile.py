@@ -34,7 +34,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fakeimap  # noqa: E402
-from fakeimap import (CLOSE, CRLF, STALL, FakeIMAP, Mailbox, Message,  # noqa: E402
+from fakeimap import (CLOSE, CRLF, STALL, FakeIMAP, Mailbox, Message, Sleep,  # noqa: E402
                       literal, simple_message)
 
 TIMEOUT = 3                 # -o timeout=
@@ -793,6 +793,59 @@ def test_bye_mid_body_fetch(rig, where):
     hostile.on = False
     srv.release_stalls()
     assert_reads_right(m, srv, uids=(2, 1, 3))
+    m.finish()
+
+
+HOSTILE_PUSHES = {
+    # NOTIFY's news arrives as STATUS and LIST for any mailbox
+    "NOTIFY": [b"* STATUS INBOX (MESSAGES 99999999999999999999999 UIDNEXT 4294967296 "
+               b"UIDVALIDITY 0 HIGHESTMODSEQ 18446744073709551616)" + CRLF,
+               b"* STATUS {5}" + CRLF + b"INBOX (MESSAGES 1)" + CRLF,
+               b"* STATUS NoSuchFolder (MESSAGES 1)" + CRLF,
+               b"* STATUS INBOX" + CRLF,
+               b"* STATUS (INBOX) (MESSAGES 1)" + CRLF,
+               b'* LIST () "/" "../../etc"' + CRLF,
+               b"* OK [NOTIFICATIONOVERFLOW] too much" + CRLF],
+    # IDLE's news is about the selected mailbox
+    "IDLE": [b"* 4294967296 EXISTS" + CRLF,
+             b"* 99 EXPUNGE" + CRLF,
+             b"* 0 EXPUNGE" + CRLF,
+             b"* 1 FETCH (UID 99999999999 FLAGS (\\Seen))" + CRLF,
+             b"* VANISHED 1:*" + CRLF,
+             b"+ still here" + CRLF],
+}
+
+
+@pytest.mark.parametrize("push", sorted(HOSTILE_PUSHES))
+def test_hostile_pushes(rig, push):
+    """What the server pushes to the watcher (NOTIFY's STATUS and LIST,
+    IDLE's EXISTS, EXPUNGE, FETCH) is untrusted too: absurd numbers, names
+    that match no folder or are lists, a literal for a name, an overflow,
+    then BYE.  The mount keeps serving the right bytes and listing, and the
+    watcher connects again and asks for its news again."""
+    srv = rig.server(mailboxes=inbox(3), capabilities=("IMAP4rev1", push))
+    WANT = {b".", b"..", b"1.eml", b"2.eml", b"3.eml"}
+    asked = []
+
+    def hook(conn, cmd):
+        asked.append(conn.index)
+        if len(asked) > 1:
+            return None         # the normal answer: OK (NOTIFY) or idle until DONE (IDLE)
+        head = [cmd.ok("NOTIFY completed")] if push == "NOTIFY" else [b"+ idling" + CRLF]
+        return head + HOSTILE_PUSHES[push] + [Sleep(0.3), b"* BYE going away" + CRLF, CLOSE]
+    srv.on(push, hook)
+    m = rig.mounted(srv)
+    deadline = time.monotonic() + 15
+    while len(asked) < 2 and time.monotonic() < deadline:
+        names, res = listing(m.path("INBOX"))     # keeps INBOX in use: the watcher's target
+        assert names and set(names) == WANT, res
+        time.sleep(0.3)
+    m.check_alive(f"after hostile {push} pushes")
+    assert len(asked) >= 2, f"the watcher did not ask for {push} again after BYE: {srv.names()}"
+    assert asked[1] != asked[0], "the second request came on the connection the server closed"
+    assert_reads_right(m, srv, uids=(1, 2, 3), what=f"read after hostile {push} pushes")
+    names, res = listing(m.path("INBOX"))
+    assert names and sorted(names) == sorted(WANT), res
     m.finish()
 
 

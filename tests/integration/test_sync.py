@@ -1,8 +1,12 @@
 """Sync: a second, independent client changes the account while it is mounted.
 
 The promise (fs/watch.c): a change made by another client shows on the mount
-within 5 seconds for every folder used in the last 10 minutes (a 2-second
-STATUS poll, the folder list re-read every 4 seconds).  These tests make the
+within 5 seconds for every folder used in the last 10 minutes: at once where
+the server pushes it (NOTIFY, IDLE), else by a 2-second STATUS poll (the
+folder list re-read every 4 seconds).  Most tests run against Dovecot as it
+is (NOTIFY); the push section runs each watcher mode against a Dovecot whose
+capabilities are cut to it, with the poll turned down so that only pushed
+news can reach the mount (and a control case where nothing may).  These tests make the
 change with their own imaplib connection (imapserver.Checker), then poll the
 mount with real tools (``ls``, ``cat``, ``stat``, ``getfattr``) until the change
 shows.  They assert a generous bound (SYNC_BOUND, 15 s) so a loaded CI machine
@@ -254,6 +258,116 @@ def mount_on(mounter, sync_server):
             m.unmount()
         elif m.proc is not None and m.exit_status is None:
             pytest.fail(f"imapfs died during the test with status {m.proc.returncode}; log:\n{m.log()}")
+
+
+# --------------------------------------------------------------------------
+# push: NOTIFY, IDLE, or the poll alone (fs/watch.c picks by capability)
+
+# Dovecot 2.3's capabilities after login, cut to what each watcher mode needs
+DOVECOT_CAPS = ("IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY "
+                "THREAD=REFERENCES THREAD=REFS THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL "
+                "CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 CONDSTORE "
+                "QRESYNC ESEARCH ESORT SEARCHRES WITHIN CONTEXT=SEARCH LIST-STATUS BINARY MOVE "
+                "SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW STATUS=SIZE SAVEDATE LITERAL+ NOTIFY")
+PUSH_CAPS = {
+    "notify": None,     # Dovecot as it is
+    "idle": DOVECOT_CAPS.replace(" NOTIFY", ""),
+    "poll": DOVECOT_CAPS.replace(" NOTIFY", "").replace(" IDLE", ""),
+}
+# With these, neither the watcher's poll nor a listing timeout can bring a
+# change to the mount within the test: only what the server pushes can.
+NO_POLL = ["poll_interval=3600", "dir_cache_timeout=3600"]
+
+
+@pytest.fixture(scope="module", params=sorted(PUSH_CAPS))
+def push_server(request):
+    mode = request.param
+    srv = imapserver.TestServer(own_dir(f"push-{mode}"), capabilities=PUSH_CAPS[mode],
+                                seed=False, tied_to_parent=True)
+    srv.mode = mode
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        srv.remove()
+
+
+def test_pushed_changes_show_without_a_poll(push_server, mount_on):
+    """With the poll turned down to once an hour, what the server pushes is
+    all that can update the mount.  NOTIFY: new mail, flag changes and
+    expunges in the folder in use and in another listed folder, and a new
+    folder, all show.  IDLE: the same in the most recently used folder.
+    Neither (the control that shows the test can fail): nothing shows."""
+    mode = push_server.mode
+    with push_server.checker() as c:
+        main, side = f"Push-{mode}", f"Push-{mode}-side"
+        first = create_folder(c, main, [make_message(f"{mode}-1")])
+        side_first = create_folder(c, side, [make_message(f"{mode}-side-1")])
+        m = mount_on(NO_POLL, server=push_server)
+        dmain, dside = m.folder_path(main, "/"), m.folder_path(side, "/")
+        assert ls(m.mountpoint) >= {main, side}
+        assert ls(dside) == {f"{u}.eml" for u in side_first}
+        assert ls(dmain) == {f"{u}.eml" for u in first}   # the most recently used
+        time.sleep(2.5)     # the watcher's next look at what is in use (IDLE moves there)
+
+        t0 = time.monotonic()
+        uid = append(c, main, make_message(f"{mode}-2", size=2345))
+        name = f"{uid}.eml"
+        if mode == "poll":
+            time.sleep(4)
+            assert name not in ls(dmain), "a change showed with no push and no poll: " \
+                                          "the other cases would prove nothing"
+            m.unmount()
+            return
+        wait_for(f"{mode}: new mail", lambda: name in (ls(dmain) or ()), since=t0,
+                 describe=lambda: sorted(ls(dmain) or ()))
+        assert read_bytes(os.path.join(dmain, name)) == c.body(main, uid)
+
+        path = os.path.join(dmain, name)
+        assert getfattr_flags(path) == set()
+        t0 = time.monotonic()
+        store_flags(c, main, uid, "+FLAGS", "\\Flagged")
+        wait_for(f"{mode}: flag change", lambda: getfattr_flags(path) == {"\\Flagged"},
+                 since=t0, describe=lambda: getfattr_flags(path))
+
+        t0 = time.monotonic()
+        expunge(c, main, [min(first)])
+        gone = f"{min(first)}.eml"
+        wait_for(f"{mode}: expunge", lambda: gone not in (ls(dmain) or {gone}), since=t0,
+                 describe=lambda: sorted(ls(dmain) or ()))
+        assert errno_of(os.stat, os.path.join(dmain, gone)) == errno.ENOENT
+
+        if mode == "notify":
+            t0 = time.monotonic()
+            side_uid = append(c, side, make_message(f"{mode}-side-2"))
+            wait_for("notify: new mail in another listed folder",
+                     lambda: f"{side_uid}.eml" in (ls(dside) or ()), since=t0,
+                     describe=lambda: sorted(ls(dside) or ()))
+            t0 = time.monotonic()
+            c._ok(*c.imap.create(q(f"{main}-new")), "CREATE")
+            wait_for("notify: folder created", lambda: f"{main}-new" in (ls(m.mountpoint) or ()),
+                     since=t0, describe=lambda: sorted(ls(m.mountpoint) or ()))
+        m.unmount()
+
+
+def test_poll_alone_keeps_folders_in_step(push_server, mount_on):
+    """The fallback for servers without NOTIFY or IDLE (and the backstop
+    under both): the STATUS poll of the folders in use, here every second."""
+    mode = push_server.mode
+    with push_server.checker() as c:
+        folder = f"Polled-{mode}"
+        first = create_folder(c, folder, [make_message(f"polled-{mode}-1")])
+        m = mount_on(["poll_interval=1", "dir_cache_timeout=3600"], server=push_server)
+        dpath = m.folder_path(folder, "/")
+        assert ls(dpath) == {f"{u}.eml" for u in first}
+        t0 = time.monotonic()
+        uid = append(c, folder, make_message(f"polled-{mode}-2"))
+        expunge(c, folder, list(first))
+        want = {f"{uid}.eml"}
+        wait_for(f"{mode}: new mail and expunge with poll_interval=1", lambda: ls(dpath) == want,
+                 since=t0, describe=lambda: sorted(ls(dpath) or ()))
+        m.unmount()
 
 
 # --------------------------------------------------------------------------

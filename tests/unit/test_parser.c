@@ -1,6 +1,7 @@
 /* tests/unit/test_parser.c — the IMAP response parser: every response kind
  * a client meets, canned sessions split at every byte offset, limits,
  * malformed input. */
+#include "imap/imap.h"
 #include "imap/parser.h"
 #include "tests/unit/check.h"
 
@@ -929,6 +930,50 @@ static void test_defaults(void)
     imap_response_free(NULL);
 }
 
+/* What the watcher makes of pushed responses (imap_response_change). */
+static void check_change(const char *in, enum imap_change want, const char *want_mailbox)
+{
+    struct imap_response *r = parse_one(in);
+    const char *mailbox = "unset";
+    CHECK(r != NULL);
+    if (!r)
+        return;
+    enum imap_change got = imap_response_change(r, &mailbox);
+    if (got != want)
+        fprintf(stderr, "  for %s", in);
+    CHECK_EQ_INT(got, want);
+    if (want_mailbox)
+        CHECK_EQ_STR(mailbox, want_mailbox);
+    else
+        CHECK(mailbox == NULL);
+    imap_response_free(r);
+}
+
+static void test_push_classification(void)
+{
+    check_change("* STATUS INBOX (MESSAGES 13 UIDNEXT 14)\r\n", IMAP_CHANGE_MAILBOX, "INBOX");
+    check_change("* STATUS \"Sent Items\" (HIGHESTMODSEQ 19)\r\n", IMAP_CHANGE_MAILBOX,
+                 "Sent Items");
+    check_change("* STATUS {5}\r\nLists (MESSAGES 1)\r\n", IMAP_CHANGE_MAILBOX, "Lists");
+    check_change("* STATUS 2024 (MESSAGES 1)\r\n", IMAP_CHANGE_MAILBOX, "2024");
+    check_change("* STATUS (INBOX) (MESSAGES 1)\r\n", IMAP_CHANGE_NONE, NULL);
+    check_change("* STATUS NIL (MESSAGES 1)\r\n", IMAP_CHANGE_NONE, NULL);
+    check_change("* STATUS\r\n", IMAP_CHANGE_NONE, NULL);
+    check_change("* LIST () \"/\" PB/Sub (\"OLDNAME\" (PA/Sub))\r\n", IMAP_CHANGE_FOLDERS, NULL);
+    check_change("* LIST (\\NonExistent) \"/\" X1\r\n", IMAP_CHANGE_FOLDERS, NULL);
+    check_change("* 5 EXISTS\r\n", IMAP_CHANGE_SELECTED, NULL);
+    check_change("* 3 EXPUNGE\r\n", IMAP_CHANGE_SELECTED, NULL);
+    check_change("* 1 FETCH (UID 7 FLAGS (\\Seen))\r\n", IMAP_CHANGE_SELECTED, NULL);
+    check_change("* VANISHED 1:3\r\n", IMAP_CHANGE_SELECTED, NULL);
+    check_change("* 2 RECENT\r\n", IMAP_CHANGE_NONE, NULL);
+    check_change("* EXISTS 5\r\n", IMAP_CHANGE_NONE, NULL);
+    check_change("* OK [NOTIFICATIONOVERFLOW] too much\r\n", IMAP_CHANGE_OVERFLOW, NULL);
+    check_change("* OK Still here\r\n", IMAP_CHANGE_NONE, NULL);
+    check_change("* SEARCH 1 2\r\n", IMAP_CHANGE_NONE, NULL);
+    check_change("A1 OK [NOTIFICATIONOVERFLOW] done\r\n", IMAP_CHANGE_NONE, NULL);
+    check_change("+ idling\r\n", IMAP_CHANGE_NONE, NULL);
+}
+
 int main(void)
 {
     RUN(test_defaults);
@@ -947,6 +992,7 @@ int main(void)
     RUN(test_split_everywhere);
     RUN(test_limits);
     RUN(test_malformed);
+    RUN(test_push_classification);
     RUN(test_throughput);
     return check_summary();
 }
