@@ -1949,6 +1949,37 @@ int imap_session_wait(struct imap_session *session, int wake_fd, int timeout_ms)
     }
 }
 
+/* Reads what the server says during IDLE until "+ idling" (when
+ * at_continuation) or the IDLE's tagged answer, which ends the IDLE. */
+static int idle_read(struct imap_session *session, int at_continuation)
+{
+    for (;;) {
+        struct imap_response *response;
+        int ret = read_response(session, &response);
+        if (ret < 0)
+            return ret;
+        if (at_continuation && response->kind == IMAP_RESP_CONTINUATION) {
+            imap_response_free(response);
+            return 0;
+        }
+        if (response->kind == IMAP_RESP_TAGGED && strcmp(response->tag, session->idle_tag) == 0) {
+            /* DONE answered; or, before "+", a refusal (a server that lists
+             * IDLE but will not do it now) */
+            if (response->status == IMAP_STATUS_OK)
+                ret = at_continuation ? -EPROTO : 0;
+            else
+                ret = imap_status_errno(response);
+            session->idle_tag[0] = '\0';
+            imap_response_free(response);
+            return ret;
+        }
+        ret = deliver_untagged(session, response);
+        imap_response_free(response);
+        if (ret < 0)
+            return ret;
+    }
+}
+
 int imap_idle_begin(struct imap_session *session)
 {
     struct command cmd = { .redact_from = -1 };
@@ -1969,57 +2000,20 @@ int imap_idle_begin(struct imap_session *session)
     free(cmd.buf);
     if (ret < 0)
         return fail(session, ret);
-    for (;;) {
-        struct imap_response *response;
-        ret = read_response(session, &response);
-        if (ret < 0)
-            return ret;
-        if (response->kind == IMAP_RESP_CONTINUATION) {
-            imap_response_free(response);
-            return 0;
-        }
-        if (response->kind == IMAP_RESP_TAGGED && strcmp(response->tag, session->idle_tag) == 0) {
-            /* refused (a server that lists IDLE but will not do it now) */
-            ret = response->status == IMAP_STATUS_OK ? -EPROTO : imap_status_errno(response);
-            session->idle_tag[0] = '\0';
-            imap_response_free(response);
-            return ret;
-        }
-        ret = deliver_untagged(session, response);
-        imap_response_free(response);
-        if (ret < 0)
-            return ret;
-    }
+    return idle_read(session, 1);
 }
 
 int imap_idle_end(struct imap_session *session)
 {
-    int ret;
-
     if (!session->idle_tag[0])
         return 0;
     if (session->broken)
         return -EIO;
     log_debug("C: DONE");
-    ret = imap_conn_write(&session->conn, "DONE\r\n", 6);
+    int ret = imap_conn_write(&session->conn, "DONE\r\n", 6);
     if (ret < 0)
         return fail(session, ret);
-    for (;;) {
-        struct imap_response *response;
-        ret = read_response(session, &response);
-        if (ret < 0)
-            return ret;
-        if (response->kind == IMAP_RESP_TAGGED && strcmp(response->tag, session->idle_tag) == 0) {
-            ret = response->status == IMAP_STATUS_OK ? 0 : imap_status_errno(response);
-            session->idle_tag[0] = '\0';
-            imap_response_free(response);
-            return ret;
-        }
-        ret = deliver_untagged(session, response);
-        imap_response_free(response);
-        if (ret < 0)
-            return ret;
-    }
+    return idle_read(session, 0);
 }
 
 enum imap_change imap_response_change(const struct imap_response *response,
