@@ -68,6 +68,7 @@ struct fs_account {
     struct cache *cache;
     struct cache_bodies *bodies;
     double dir_cache_timeout;
+    double idle_timeout;            /* -o idle_timeout: pooled sessions unused longer are dropped */
 
     pthread_mutex_t pool_lock;
     pthread_cond_t pool_changed;
@@ -154,6 +155,7 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     account->token_cmd = options->oauth_token_cmd ? strdup(options->oauth_token_cmd) : NULL;
     account->max_connections = options->connections;
     account->dir_cache_timeout = options->dir_cache_timeout;
+    account->idle_timeout = options->idle_timeout;
     account->cache = cache_new();
     account->bodies = cache_bodies_new(options->cache_bytes);
     account->idle = calloc(options->connections, sizeof(*account->idle));
@@ -450,13 +452,16 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
             }
             *out = account->idle[pick];
             account->idle[pick] = account->idle[--account->idle_count];
-            if (!imap_session_idle_ok(*out)) {
-                /* closed by the server while idle (a restart, a timeout):
-                 * drop it and look again */
+            int forgotten = imap_session_idle_seconds(*out) >= account->idle_timeout;
+            if (forgotten || !imap_session_idle_ok(*out)) {
+                /* closed by the server while idle (a restart, a timeout), or
+                 * unused so long that a NAT box may have dropped it: drop it
+                 * and look again */
                 account->open_count--;
                 pthread_mutex_unlock(&account->pool_lock);
-                log_debug("an idle connection was closed by the server; dropping it");
-                imap_session_close(*out);
+                log_debug("an idle connection was %s; dropping it",
+                          forgotten ? "unused too long" : "closed by the server");
+                imap_session_drop(*out);
                 *out = NULL;
                 pthread_mutex_lock(&account->pool_lock);
                 continue;
@@ -572,6 +577,33 @@ static void unsolicited(void *context, struct imap_session *session,
         }
     }
     cache_unlock(account->cache);
+}
+
+/* Closes pooled sessions unused for max_idle seconds: a NAT box or firewall
+ * may drop an idle connection without a word, and a request that met such a
+ * connection would wait out the whole timeout.  A new connection is cheap. */
+void fs_account_prune_idle(struct fs_account *account, double max_idle)
+{
+    struct imap_session *stale[64];
+    size_t count = 0;
+
+    pthread_mutex_lock(&account->pool_lock);
+    for (size_t i = 0; i < account->idle_count && count < 64;) {
+        if (imap_session_idle_seconds(account->idle[i]) < max_idle) {
+            i++;
+            continue;
+        }
+        stale[count++] = account->idle[i];
+        account->idle[i] = account->idle[--account->idle_count];
+        account->open_count--;
+    }
+    if (count)
+        pthread_cond_signal(&account->pool_changed);
+    pthread_mutex_unlock(&account->pool_lock);
+    for (size_t i = 0; i < count; i++)
+        imap_session_drop(stale[i]);
+    if (count)
+        log_debug("closed %zu connection(s) idle for %.0f s or more", count, max_idle);
 }
 
 static void session_release(struct fs_account *account, struct imap_session *session)

@@ -28,6 +28,7 @@ struct fs_options {
     unsigned connections;       /* pool size, default 4 */
     double dir_cache_timeout;   /* seconds a listing is served before a refresh */
     unsigned poll_interval;     /* seconds between the watcher's polls (fs/watch.c) */
+    unsigned idle_timeout;      /* seconds an unused connection is kept (NAT) */
     char *cache_size;           /* body cache limit, "256M" style */
     unsigned timeout;           /* seconds for any one network wait */
     char *trash;                /* rm moves here: a folder path, or "auto" for \Trash */
@@ -99,6 +100,9 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
                     struct cache_body **out);
 void fs_account_body_release(struct fs_account *account, struct cache_body *body);
 struct fs_notifier *fs_account_notifier(struct fs_account *account);
+/* Closes pooled connections unused for max_idle seconds (the watcher calls
+ * it), before a NAT box drops them silently. */
+void fs_account_prune_idle(struct fs_account *account, double max_idle);
 /* Opens a new logged-in session outside the pool (the watcher's), with the
  * same token refresh as pooled ones.  err gets a sentence on failure. */
 int fs_account_open_session(struct fs_account *account, struct imap_session **out, char *err,
@@ -167,7 +171,8 @@ void fs_notify_inode(struct fs_notifier *notifier, fuse_ino_t ino);
 /* A thread that keeps recently used folders in step with other clients
  * (fs/watch.c).  Start after daemonizing; stop before freeing the account. */
 struct fs_watcher;
-struct fs_watcher *fs_watcher_start(struct fs_account *account, unsigned poll_seconds);
+struct fs_watcher *fs_watcher_start(struct fs_account *account, unsigned poll_seconds,
+                                    unsigned idle_seconds);
 void fs_watcher_stop(struct fs_watcher *watcher);
 
 /* ---------------------------------------------------------------- FUSE ops */

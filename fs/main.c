@@ -146,7 +146,7 @@ int main(int argc, char *argv[])
         log_error("cannot start the read-ahead thread");
         goto out_unmount;
     }
-    watcher = fs_watcher_start(account, options.poll_interval);
+    watcher = fs_watcher_start(account, options.poll_interval, options.idle_timeout);
     if (!watcher)
         log_warn("cannot start the watcher: changes by other clients show up only when "
                  "listings time out");

@@ -58,6 +58,7 @@ static const struct fuse_opt option_specs[] = {
     OPTION("connections=%u", connections, 0),
     OPTION("dir_cache_timeout=%lf", dir_cache_timeout, 0),
     OPTION("poll_interval=%u", poll_interval, 0),
+    OPTION("idle_timeout=%u", idle_timeout, 0),
     OPTION("cache_size=%s", cache_size, 0),
     OPTION("timeout=%u", timeout, 0),
     OPTION("trash=%s", trash, 0),
@@ -166,6 +167,8 @@ void fs_options_usage(const char *progname)
            "    -o dir_cache_timeout=SECS  how long a listing is served before a refresh (default 30)\n"
            "    -o poll_interval=SECS      how often folders in use are checked for others' changes,\n"
            "                               besides what NOTIFY or IDLE push (default 2)\n"
+           "    -o idle_timeout=SECS       close connections unused this long, before a NAT box\n"
+           "                               drops them unseen (default 240)\n"
            "    -o cache_size=SIZE         memory for message bodies, e.g. 256M (default 256M)\n"
            "    -o timeout=SECS            network timeout (default 30)\n"
            "    -o trash=FOLDER|auto       rm moves messages to FOLDER (auto: the \\Trash folder)\n"
@@ -678,6 +681,7 @@ static void options_defaults(struct fs_options *options)
     options->connections = 4;
     options->dir_cache_timeout = 30;
     options->poll_interval = 2;
+    options->idle_timeout = 240;
     options->timeout = 30;
     options->cache_bytes = 256ull << 20;
 }
@@ -713,6 +717,10 @@ static int options_check(struct fs_options *options)
     }
     if (options->poll_interval < 1 || options->poll_interval > 3600) {
         fprintf(stderr, "imapfs: -o poll_interval must be 1 to 3600 seconds\n");
+        return -1;
+    }
+    if (options->idle_timeout < 2 || options->idle_timeout > 86400) {
+        fprintf(stderr, "imapfs: -o idle_timeout must be 2 to 86400 seconds\n");
         return -1;
     }
     if (options->timeout < 1) {

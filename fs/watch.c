@@ -9,7 +9,7 @@
  *                      once, in every folder the mount has listed.
  *   IDLE (RFC 2177)    The connection idles in the most recently used folder,
  *                      so changes there show at once.  IDLE is renewed every
- *                      IDLE_RENEW_SECONDS.
+ *                      IDLE_RENEW_SECONDS, or at half of -o idle_timeout.
  *   neither            The poll below alone.
  *
  * Under every mode the folders used in the last ACTIVE_SECONDS (but the one
@@ -18,7 +18,8 @@
  * of "within 5 seconds" when a server's NOTIFY falls silent, covers the
  * folders IDLE does not watch, and is the keepalive that stops NAT boxes
  * dropping the connection (a NOOP when the mount is not in use and nothing
- * was heard for KEEPALIVE_SECONDS).  With the poll interval raised, NOTIFY
+ * was heard for half of -o idle_timeout).  Pooled connections unused for
+ * -o idle_timeout are closed at a tick (fs_account_prune_idle).  With the poll interval raised, NOTIFY
  * and IDLE still make changes show at once; the thread looks at what is in
  * use every TICK_MS all the same (no traffic), so IDLE follows the user.
  *
@@ -43,7 +44,6 @@
 #define ACTIVE_SECONDS 600.0
 #define LIST_EVERY 2
 #define SMALL_FOLDER 5000       /* messages: re-listed each poll without CONDSTORE */
-#define KEEPALIVE_SECONDS 120.0 /* NOOP on a NOTIFY connection that heard nothing */
 #define IDLE_RENEW_SECONDS 600.0
 #define GATHER_MS 100
 #define TICK_MS 2000            /* a look at what is in use (no traffic) at least this often */           /* after a push, wait this long for its companions */
@@ -64,6 +64,8 @@ struct fs_watcher {
     struct fs_account *account;
     int poll_ms;                    /* -o poll_interval */
     int tick_ms;                    /* how often the thread looks at the cache */
+    double idle_seconds;            /* -o idle_timeout: pooled connections unused this long
+                                       are closed, and this one NOOPs at half of it */
     pthread_t thread;
     pthread_mutex_t lock;
     int stopping;                   /* protected by lock */
@@ -354,7 +356,7 @@ static void refresh_marked(struct fs_watcher *watcher, const struct watched *fol
 
 static int keepalive(struct fs_watcher *watcher)
 {
-    if (now_monotonic() - watcher->last_heard <= KEEPALIVE_SECONDS)
+    if (now_monotonic() - watcher->last_heard <= watcher->idle_seconds / 2)
         return 0;
     if (imap_noop(watcher->session) < 0 && imap_session_broken(watcher->session))
         return -EIO;
@@ -466,7 +468,10 @@ static int tick_idle(struct fs_watcher *watcher, int poll_due, int list_due)
             nap(watcher, watcher->tick_ms);
         return ret;
     }
-    int renew = now_monotonic() - watcher->idle_since > IDLE_RENEW_SECONDS;
+    /* renewed before a NAT box would forget the connection, too */
+    double renew_after = watcher->idle_seconds / 2 < IDLE_RENEW_SECONDS ? watcher->idle_seconds / 2
+                                                                        : IDLE_RENEW_SECONDS;
+    int renew = now_monotonic() - watcher->idle_since > renew_after;
     int poll_others = poll_due && count > 1;
     if (!target || watcher->idle_folder != target->id || poll_others || renew) {
         if (watcher->idle_folder && imap_idle_end(watcher->session) < 0)
@@ -525,6 +530,7 @@ static void *watcher_main(void *arg)
     int first = 1;
 
     while (!stopping(watcher)) {
+        fs_account_prune_idle(watcher->account, watcher->idle_seconds);
         if (!watcher->session) {
             /* at once at mount (NOTIFY then covers the first minutes too);
              * after a lost connection, once the mount is used again */
@@ -561,7 +567,8 @@ static void *watcher_main(void *arg)
     return NULL;
 }
 
-struct fs_watcher *fs_watcher_start(struct fs_account *account, unsigned poll_seconds)
+struct fs_watcher *fs_watcher_start(struct fs_account *account, unsigned poll_seconds,
+                                    unsigned idle_seconds)
 {
     struct fs_watcher *watcher = calloc(1, sizeof(*watcher));
 
@@ -569,6 +576,7 @@ struct fs_watcher *fs_watcher_start(struct fs_account *account, unsigned poll_se
         return NULL;
     watcher->account = account;
     watcher->poll_ms = (int)poll_seconds * 1000;
+    watcher->idle_seconds = idle_seconds;
     watcher->tick_ms = watcher->poll_ms < TICK_MS ? watcher->poll_ms : TICK_MS;
     if (pipe2(watcher->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
         free(watcher);

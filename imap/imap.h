@@ -47,7 +47,12 @@ int imap_session_open(const struct imap_config *config, struct imap_session **ou
                       char *err, size_t errlen);
 /* Sends LOGOUT if the session still works, then frees it. */
 void imap_session_close(struct imap_session *session);
+/* Sends LOGOUT without waiting for the answer, then frees the session: for
+ * a connection that may be dead without knowing it. */
+void imap_session_drop(struct imap_session *session);
 int imap_session_broken(const struct imap_session *session);
+/* Seconds since the session last sent a command or read a response. */
+double imap_session_idle_seconds(const struct imap_session *session);
 /* For a session that sat idle in a pool: nonzero if it still looks usable.
  * An idle connection has nothing to say; if its socket is readable, the
  * server closed it, reset it or sent BYE (a restart, an idle timeout). */

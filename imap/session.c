@@ -51,6 +51,7 @@ struct imap_session {
     char last_error[256];       /* text of the last tagged NO/BAD */
     char idle_tag[16];          /* the running IDLE command's tag; "" when not idling */
     int logging_out;            /* LOGOUT sent: its BYE is no news */
+    struct timespec last_io;    /* when a command was sent or a response read */
 };
 
 /* A command being built: text with literals.  A synchronizing literal
@@ -253,6 +254,7 @@ static int read_response(struct imap_session *session, struct imap_response **ou
             session->rpos += (size_t)used;
             if (*out) {
                 trace_response(*out);
+                clock_gettime(CLOCK_MONOTONIC, &session->last_io);
                 return 0;
             }
         }
@@ -336,6 +338,7 @@ static int run_command(struct imap_session *session, struct command *cmd,
     }
     full.redact_from = cmd->redact_from >= 0 ? cmd->redact_from + (int)shift : -1;
     trace_command(&full);
+    clock_gettime(CLOCK_MONOTONIC, &session->last_io);
 
     for (;;) {
         size_t until = wait_index < cmd->nwaits ? cmd->waits[wait_index] + shift : full.len;
@@ -635,6 +638,7 @@ int imap_session_open(const struct imap_config *config, struct imap_session **ou
     *out = NULL;
     if (!session)
         return -ENOMEM;
+    clock_gettime(CLOCK_MONOTONIC, &session->last_io);
     session->host = config->host;
     session->conn.fd = -1;
     session->parser = imap_parser_new(NULL);
@@ -714,6 +718,16 @@ fail:
     return ret;
 }
 
+static void session_free(struct imap_session *session)
+{
+    imap_conn_close(&session->conn);
+    imap_parser_free(session->parser);
+    free(session->rbuf);
+    free(session->capabilities);
+    free(session->selected);
+    free(session);
+}
+
 void imap_session_close(struct imap_session *session)
 {
     if (!session)
@@ -726,15 +740,31 @@ void imap_session_close(struct imap_session *session)
         session->logging_out = 1;
         simple_command(session, "LOGOUT");
     }
-    imap_conn_close(&session->conn);
-    imap_parser_free(session->parser);
-    free(session->rbuf);
-    free(session->capabilities);
-    free(session->selected);
-    free(session);
+    session_free(session);
+}
+
+void imap_session_drop(struct imap_session *session)
+{
+    if (!session)
+        return;
+    if (!session->broken && !session->idle_tag[0]) {
+        char line[32];
+        int len = snprintf(line, sizeof(line), "A%u LOGOUT\r\n", ++session->next_tag);
+        session->conn.timeout_ms = 100;     /* a few bytes; never wait on a dead peer */
+        imap_conn_write(&session->conn, line, (size_t)len);
+    }
+    session_free(session);
 }
 
 int imap_session_broken(const struct imap_session *session) { return session->broken; }
+
+double imap_session_idle_seconds(const struct imap_session *session)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - session->last_io.tv_sec) +
+           (double)(now.tv_nsec - session->last_io.tv_nsec) / 1e9;
+}
 
 int imap_session_idle_ok(const struct imap_session *session)
 {

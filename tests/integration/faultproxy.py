@@ -19,6 +19,8 @@ What a test can tell it at runtime:
 * ``stall()`` / ``resume()``: stop forwarding (bytes wait in the kernel's
   buffers; connections stay open and new ones are accepted but get nothing)
   and carry on.
+* ``blackhole_existing()``: the current connections forward nothing from
+  now on and stay open (a NAT box that forgot them); new ones work.
 * ``refuse(mode="reset")`` / ``accept()``: new connections are refused:
   "reset" accepts and resets at once (RST), "close" accepts and closes
   (FIN), "unbind" closes the listening socket so connect() gets
@@ -45,6 +47,7 @@ class _Pair:
         self.server = server
         self.index = index
         self.closed = False
+        self.blackholed = False     # forwards nothing, ever again, and stays open
         self.forwarded = {"c2s": 0, "s2c": 0}
         self.budget = {"c2s": None, "s2c": None}    # bytes left before a cut
         # skip_records: the budgets count only from the (skip+1)-th TLS record
@@ -107,7 +110,7 @@ class _Pair:
         ends = {self.client: (self.server, "c2s"), self.server: (self.client, "s2c")}
         try:
             while not self.closed and not p._stopping.is_set():
-                if p._stalled.is_set():
+                if p._stalled.is_set() or self.blackholed:
                     r, _, _ = select.select([self.wake_r], [], [], 0.05)
                     if r:
                         self.wake_r.recv(64)
@@ -311,6 +314,14 @@ class FaultProxy:
 
     def stall(self):
         self._stalled.set()
+
+    def blackhole_existing(self):
+        """What a NAT box does when it forgets idle connections: the current
+        ones forward nothing from now on, silently (no FIN, no RST); new
+        connections work."""
+        with self._lock:
+            for pair in self._pairs:
+                pair.blackholed = True
 
     def resume(self):
         self._stalled.clear()

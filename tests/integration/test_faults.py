@@ -177,6 +177,35 @@ def test_stall_gives_eio_then_recovers(faulty, proxy, expected):
     m.unmount()
 
 
+@pytest.mark.parametrize("idle_timeout", [3, None])
+def test_connections_forgotten_by_nat(mounter, proxy, expected, idle_timeout):
+    """A NAT box forgets idle connections without a word.  With -o
+    idle_timeout=3 the mount closes pooled connections unused that long, so a
+    read after the idle spell goes out on a new connection at once.  The
+    control (default idle_timeout, 240 s) shows what that prevents: the read
+    meets a dead connection and waits out the timeout before its retry."""
+    timeout = 6
+    options = mounter.default_options() + [f"timeout={timeout}", "connections=2"]
+    if idle_timeout:
+        options.append(f"idle_timeout={idle_timeout}")
+    m = mounter(url=mounter.url(port=proxy.port), options=options)
+    uids = sorted(expected["INBOX"])
+    assert_cat_right(m, expected, "INBOX", uids[0], "before the idle spell")
+    proxy.blackhole_existing()
+    time.sleep(6)       # idle longer than idle_timeout, plus the watcher's tick
+    t = time.monotonic()
+    assert_cat_right(m, expected, "Archive/2023", sorted(expected["Archive/2023"])[0],
+                     "first read after the idle spell")
+    took = time.monotonic() - t
+    if idle_timeout:
+        assert took < timeout / 2, (f"the read took {took:.1f}s: it met a connection the "
+                                    f"NAT box had forgotten")
+    else:
+        assert took >= timeout - 1, (f"control: the read took only {took:.1f}s, so the test "
+                                     f"does not show what idle_timeout prevents")
+    m.unmount()
+
+
 @pytest.mark.parametrize("mode", ["unbind", "reset", "close"])
 def test_refused_connections(faulty, proxy, expected, mode):
     """All connections dropped and new ones refused: an uncached read fails
