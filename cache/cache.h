@@ -60,6 +60,8 @@ struct cache_folder {
     uint32_t scan_uids[4];  /* fs/: where recent readers were, to recognise scans */
     unsigned scan_next;     /* fs/: which of scan_uids to replace next */
     double reset_at;        /* fs/: monotonic time of the last UIDVALIDITY change */
+    double negative_until;  /* fs/: until then the kernel may cache negative entries
+                               for UID names here (monotonic time) */
 
     UT_hash_handle hh;      /* in cache->by_id */
 };

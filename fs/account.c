@@ -57,6 +57,16 @@ struct inflight {
     UT_hash_handle hh;
 };
 
+/* A first listing being streamed to readdir (fs_account_stream_begin). */
+struct listing_stream {
+    uint32_t folder_id;
+    pthread_t owner;                /* the thread listing; only it publishes */
+    struct cache_message *messages; /* ascending UIDs, keywords NULL */
+    size_t count, cap;
+    int unsorted;                   /* the server broke UID order: readers wait for the end */
+    struct listing_stream *next;
+};
+
 struct fs_account {
     struct imap_config config;      /* its password points at secret */
     char *secret;                   /* password or OAuth2 token; replaced on refresh */
@@ -127,6 +137,10 @@ struct fs_account {
     struct readahead_request readahead_queue[READAHEAD_QUEUE]; /* protected by readahead_lock */
     size_t readahead_queued;                    /* protected by readahead_lock */
     int readahead_stop;                         /* protected by readahead_lock */
+
+    pthread_mutex_t stream_lock;
+    pthread_cond_t stream_grew;
+    struct listing_stream *streams;             /* protected by stream_lock */
 };
 
 static void unsolicited(void *context, struct imap_session *session,
@@ -180,6 +194,8 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     pthread_mutex_init(&account->writer_lock, NULL);
     pthread_cond_init(&account->writer_wake, NULL);
     pthread_cond_init(&account->readahead_wake, NULL);
+    pthread_mutex_init(&account->stream_lock, NULL);
+    pthread_cond_init(&account->stream_grew, NULL);
     account->max_download = options->max_download_bytes;
     pthread_mutex_init(&account->budget_lock, NULL);
     if (options->cache_dir && strcmp(options->cache_dir, "none") != 0) {
@@ -875,7 +891,49 @@ struct table_builder {
     struct cache_message *messages;
     size_t count, cap;
     int unsorted;
+    struct fs_account *account;     /* with stream: where readdir sees it grow */
+    struct listing_stream *stream;
+    size_t published;
 };
+
+#define STREAM_STEP 256             /* messages per publication to readdir */
+
+/* Shows readdir what arrived since the last call. */
+static void stream_publish(struct table_builder *table)
+{
+    struct listing_stream *stream = table->stream;
+    size_t n = table->count - table->published;
+    int ret = 0;
+
+    pthread_mutex_lock(&table->account->stream_lock);
+    if (table->unsorted)
+        stream->unsorted = 1;
+    if (!stream->unsorted && n) {
+        if (stream->count + n > stream->cap) {
+            size_t cap = stream->cap ? stream->cap * 2 : 4096;
+            while (cap < stream->count + n)
+                cap *= 2;
+            struct cache_message *grown = realloc(stream->messages, cap * sizeof(*grown));
+            if (!grown) {
+                stream->unsorted = 1; /* readers wait for the whole table */
+                ret = -ENOMEM;
+            } else {
+                stream->messages = grown;
+                stream->cap = cap;
+            }
+        }
+        for (size_t i = table->published; ret == 0 && i < table->count; i++) {
+            /* a retried listing starts again from the first UID */
+            if (stream->count && stream->messages[stream->count - 1].uid >= table->messages[i].uid)
+                continue;
+            stream->messages[stream->count] = table->messages[i];
+            stream->messages[stream->count++].keywords = NULL;
+        }
+    }
+    pthread_cond_broadcast(&table->account->stream_grew);
+    pthread_mutex_unlock(&table->account->stream_lock);
+    table->published = table->count;
+}
 
 static int collect_meta(void *context, uint32_t uid, uint64_t size, int64_t internaldate,
                         const struct imap_value *flags)
@@ -902,6 +960,8 @@ static int collect_meta(void *context, uint32_t uid, uint64_t size, int64_t inte
     if (table->count && table->messages[table->count - 1].uid >= uid)
         table->unsorted = 1;
     table->messages[table->count++] = message;
+    if (table->stream && table->count - table->published >= STREAM_STEP)
+        stream_publish(table);
     return 0;
 }
 
@@ -919,11 +979,17 @@ static void free_table(struct table_builder *table)
 }
 
 /* Tells the kernel about every UID that is in one sorted table and not in
- * the other: removed files must go, new names may have negative entries. */
-static void notify_table_changes(struct fs_account *account, uint32_t folder_id,
+ * the other: removed files must go, new names may have negative entries.
+ * New names are told only while the kernel may hold negative entries in
+ * the folder (folder->negative_until): on a first listing, 100,000
+ * invalidations would race with the readdirplus that is creating those
+ * very entries, and make every file cost a lookup again. */
+static void notify_table_changes(struct fs_account *account, const struct cache_folder *folder,
                                  const struct cache_message *old, size_t old_count,
                                  const struct cache_message *new, size_t new_count)
 {
+    uint32_t folder_id = folder->id;
+    int negative = now_monotonic() < folder->negative_until;
     size_t i = 0, j = 0;
     char name[32];
 
@@ -934,6 +1000,8 @@ static void notify_table_changes(struct fs_account *account, uint32_t folder_id,
             cache_bodies_drop(account->bodies, folder_id, changed);
         } else if (i == old_count || new[j].uid < old[i].uid) {
             changed = new[j++].uid;
+            if (!negative)
+                continue;
         } else {
             i++;
             j++;
@@ -1223,17 +1291,41 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
     struct imap_mailbox_state state;
     struct table_builder table = { 0 };
 
+    /* A first listing streaming in another thread: its table, not a second
+     * listing (readdir may have shown names the table does not have yet). */
+    pthread_mutex_lock(&account->stream_lock);
+    for (;;) {
+        struct listing_stream *stream = account->streams;
+        while (stream && (stream->folder_id != folder_id ||
+                          pthread_equal(stream->owner, pthread_self())))
+            stream = stream->next;
+        if (!stream)
+            break;
+        pthread_cond_wait(&account->stream_grew, &account->stream_lock);
+    }
+    pthread_mutex_unlock(&account->stream_lock);
     listing_from_disk(account, folder_id);
     int ret = snapshot_folder(account, folder_id, force, &old);
 
     if (ret != 0)
         return ret > 0 ? 0 : ret;
+    if (!old.listed) { /* a first listing: readdir may be waiting for it */
+        pthread_mutex_lock(&account->stream_lock);
+        for (struct listing_stream *stream = account->streams; stream; stream = stream->next)
+            if (stream->folder_id == folder_id && pthread_equal(stream->owner, pthread_self()))
+                table.stream = stream;
+        pthread_mutex_unlock(&account->stream_lock);
+        table.account = account;
+    }
     ret = refresh_folder(account, &old, &state, &table);
     if (ret == -EIO) { /* a session broke while in use */
         /* Listing is idempotent: once more on a fresh connection (the pooled
          * one may have been closed by the server while idle). */
+        struct listing_stream *stream = table.stream;
         free_table(&table);
         memset(&table, 0, sizeof(table));
+        table.account = account;
+        table.stream = stream; /* it skips what readdir was shown already */
         ret = refresh_folder(account, &old, &state, &table);
     }
     if (ret < 0 && ret != -ENOENT && ret != -ENOMEM)
@@ -1292,7 +1384,7 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
             cache_disk_drop_mailbox(account->disk, old.mailbox);
     }
     /* The kernel learns what changed against the table it was shown. */
-    notify_table_changes(account, folder_id, folder->messages, folder->count, table.messages,
+    notify_table_changes(account, folder, folder->messages, folder->count, table.messages,
                          table.count);
     folder->uidvalidity = state.uidvalidity;
     folder->uidnext = state.uidnext;
@@ -1307,6 +1399,104 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
         listing_to_disk(account, folder_id);
     snapshot_free(&old);
     return ret;
+}
+
+/* ---------------------------------------------------------------- streamed listings
+ *
+ * ls -l of a folder of 100,000 messages would otherwise wait for the whole
+ * UID FETCH before the first entry, and only then start making 100,000
+ * kernel inodes: the two can overlap.  A first listing (nothing in memory,
+ * nothing on disk) therefore lets opendir answer at once; the opendir
+ * thread then lists, publishing every STREAM_STEP messages, and readdir
+ * waits only for the entries it is about to return.  Offsets are UIDs, so
+ * the readdir that follows the end reads on from the folder's table. */
+
+int fs_account_stream_begin(struct fs_account *account, uint32_t folder_id)
+{
+    if (fs_account_offline(account))
+        return 0;
+    listing_from_disk(account, folder_id);
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    int first = folder && folder->selectable && folder->listed_at == 0 && folder->uidvalidity == 0;
+    cache_unlock(account->cache);
+    if (!first)
+        return 0;
+    struct listing_stream *stream;
+    pthread_mutex_lock(&account->stream_lock);
+    for (stream = account->streams; stream; stream = stream->next)
+        if (stream->folder_id == folder_id)
+            break;
+    int ret = 2;
+    if (!stream) {
+        stream = calloc(1, sizeof(*stream));
+        ret = 0;
+        if (stream) {
+            stream->folder_id = folder_id;
+            stream->owner = pthread_self();
+            stream->next = account->streams;
+            account->streams = stream;
+            ret = 1;
+        }
+    }
+    pthread_mutex_unlock(&account->stream_lock);
+    return ret;
+}
+
+void fs_account_stream_run(struct fs_account *account, uint32_t folder_id)
+{
+    int ret = fs_account_load_folder(account, folder_id, 0);
+    if (ret < 0)
+        log_debug("streamed listing of folder %u: %s", folder_id, strerror(-ret));
+    /* the table is in place (or the listing failed, and readdir lists again) */
+    pthread_mutex_lock(&account->stream_lock);
+    struct listing_stream **link = &account->streams, *stream = NULL;
+    for (; *link; link = &(*link)->next)
+        if ((*link)->folder_id == folder_id && pthread_equal((*link)->owner, pthread_self())) {
+            stream = *link;
+            *link = stream->next;
+            break;
+        }
+    pthread_cond_broadcast(&account->stream_grew);
+    pthread_mutex_unlock(&account->stream_lock);
+    if (stream)
+        free(stream->messages);
+    free(stream);
+}
+
+size_t fs_account_stream_read(struct fs_account *account, uint32_t folder_id, uint32_t after,
+                              struct cache_message *out, size_t max)
+{
+    size_t n = 0;
+
+    pthread_mutex_lock(&account->stream_lock);
+    for (;;) {
+        struct listing_stream *stream;
+        for (stream = account->streams; stream; stream = stream->next)
+            if (stream->folder_id == folder_id)
+                break;
+        if (!stream)
+            break;
+        if (!stream->unsorted) {
+            size_t lo = 0, hi = stream->count;
+            while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+                if (stream->messages[mid].uid <= after)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            n = stream->count - lo < max ? stream->count - lo : max;
+            if (n) {
+                memcpy(out, stream->messages + lo, n * sizeof(*out));
+                break;
+            }
+        }
+        /* the lister's own network timeout bounds this wait */
+        pthread_cond_wait(&account->stream_grew, &account->stream_lock);
+    }
+    pthread_mutex_unlock(&account->stream_lock);
+    return n;
 }
 
 /* ---------------------------------------------------------------- bodies */

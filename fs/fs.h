@@ -94,6 +94,17 @@ int fs_account_load_folders_offline(struct fs_account *account);
  * mount using the folder).  0, -ENOENT (folder gone) or -EIO. */
 #define FS_LOAD_WATCHER 2
 int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int force);
+/* A folder's first listing, shown while it arrives (opendir, readdir).
+ * begin: 1 when the caller is to reply and then run the listing with
+ * fs_account_stream_run; 2 when another thread streams it already; 0 when
+ * the folder is to be listed the usual way (listed before, or offline). */
+int fs_account_stream_begin(struct fs_account *account, uint32_t folder_id);
+void fs_account_stream_run(struct fs_account *account, uint32_t folder_id);
+/* Up to max messages with UIDs above after (keywords NULL), waiting for them
+ * while the first listing of the folder arrives; 0 once none is arriving
+ * (the folder's table has the rest). */
+size_t fs_account_stream_read(struct fs_account *account, uint32_t folder_id, uint32_t after,
+                              struct cache_message *out, size_t max);
 /* The body of one message, referenced: release with fs_account_body_release.
  * Fetches it, and the next messages of a sequential scan with it, on a miss. */
 int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid,

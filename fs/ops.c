@@ -36,6 +36,13 @@ static uint32_t ino_uid(fuse_ino_t ino)
     return ino == FUSE_ROOT_ID ? 0 : (uint32_t)ino;
 }
 
+static double monotonic_now(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+}
+
 /* Folders have no date of their own in IMAP; they show the mount's start. */
 static time_t mounted_at;
 
@@ -158,7 +165,15 @@ static void fs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
         fuse_reply_entry(req, &entry);
         return;
     }
-    /* A negative entry, cached like the listing it was judged against. */
+    /* A negative entry, cached like the listing it was judged against; the
+     * folder remembers it, so that a listing that adds the name says so. */
+    if (is_uid && timeout > 0) {
+        cache_lock(cache);
+        folder = cache_folder_by_id(cache, folder_id);
+        if (folder && folder->negative_until < monotonic_now() + timeout)
+            folder->negative_until = monotonic_now() + timeout;
+        cache_unlock(cache);
+    }
     entry.ino = 0;
     fuse_reply_entry(req, &entry);
 }
@@ -221,14 +236,20 @@ static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         fuse_reply_err(req, ENOTDIR);
         return;
     }
-    /* Refresh once per listing, not once per readdir chunk. */
-    int ret = ensure_listed(account, folder_id);
-    if (ret < 0) {
-        fuse_reply_err(req, -ret);
-        return;
+    /* Refresh once per listing, not once per readdir chunk.  A first
+     * listing is streamed: readdir shows it as it arrives. */
+    int streamed = fs_account_stream_begin(account, folder_id);
+    if (!streamed) {
+        int ret = ensure_listed(account, folder_id);
+        if (ret < 0) {
+            fuse_reply_err(req, -ret);
+            return;
+        }
     }
     fi->cache_readdir = 0;
     fuse_reply_open(req, fi);
+    if (streamed == 1)
+        fs_account_stream_run(account, folder_id);
 }
 
 /* Directory offsets: 1 and 2 after "." and "..", 3 + i after the i-th
@@ -256,6 +277,33 @@ int fs_listing_add(struct fs_listing *listing, const char *name, const struct st
         return 0;
     listing->used += entry_size;
     return 1;
+}
+
+/* Adds the messages of a first listing that is still arriving, after
+ * *after.  Returns 1 when the reply is full, 0 when the listing is over. */
+static int add_streamed(struct fs_account *account, uint32_t folder_id, struct fs_listing *listing,
+                        uint32_t *after)
+{
+    struct cache_message streamed[256];
+    char name[32];
+    struct stat st;
+    size_t n;
+
+    while (*after != UINT32_MAX &&
+           (n = fs_account_stream_read(account, folder_id, *after, streamed, 256)) > 0) {
+        for (size_t i = 0; i < n; i++) {
+            if ((streamed[i].flags & CACHE_FLAG_DELETED) && fs_account_hides_deleted(account)) {
+                *after = streamed[i].uid;
+                continue;
+            }
+            fs_name_from_uid(streamed[i].uid, name, sizeof(name));
+            message_attr(folder_id, &streamed[i], &st);
+            if (!fs_listing_add(listing, name, &st, MESSAGE_OFFSET + streamed[i].uid))
+                return 1;
+            *after = streamed[i].uid;
+        }
+    }
+    return 0;
 }
 
 static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, int plus)
@@ -314,6 +362,23 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
     }
     /* from the first message after the one the last reply ended with */
     uint32_t after = (uint32_t)(offset - MESSAGE_OFFSET);
+    if (folder->selectable && folder->listed_at == 0) {
+        /* a first listing, maybe still arriving (fs_account_stream_begin) */
+        cache_unlock(cache);
+        int ret = add_streamed(account, folder_id, &listing, &after);
+        if (ret == 0 && listing.used == 0) {
+            ret = ensure_listed(account, folder_id); /* the stream failed: an error */
+            if (ret < 0) {
+                free(listing.buf);
+                fuse_reply_err(req, -ret);
+                return;
+            }
+        }
+        cache_lock(cache);
+        folder = cache_folder_by_id(cache, folder_id);
+        if (ret || !folder)
+            goto full;
+    }
     size_t from = after == UINT32_MAX ? folder->count : cache_folder_lower_bound(folder, after + 1);
     for (size_t i = from; i < folder->count; i++) {
         const struct cache_message *message = &folder->messages[i];
@@ -370,15 +435,18 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         return;
     }
     cache_lock(cache);
+    struct cache_folder *shown = cache_folder_by_id(cache, folder_id);
+    int first_listing = shown && shown->listed_at == 0 && shown->uidvalidity == 0;
+    cache_unlock(cache);
+    if (first_listing) /* the name may come from a first listing still arriving */
+        ensure_listed(account, folder_id);
+    cache_lock(cache);
     struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
     struct cache_message *message = visible_message(account, folder, uid);
     uint64_t listed_size = message ? message->size : 0;
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
     /* Right after a UIDVALIDITY change the kernel may still hold pages of the
      * message this name meant before: open without keep_cache drops them. */
-    int recently_reset = folder && folder->reset_at > 0 &&
-                         (double)now.tv_sec + (double)now.tv_nsec / 1e9 - folder->reset_at < 60;
+    int recently_reset = folder && folder->reset_at > 0 && monotonic_now() - folder->reset_at < 60;
     cache_unlock(cache);
     if (!message) {
         fuse_reply_err(req, ENOENT);

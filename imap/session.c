@@ -988,34 +988,72 @@ int imap_select_fresh(struct imap_session *session, const char *mailbox, int rea
 
 /* ---------------------------------------------------------------- FETCH */
 
+/* Reads 1 to max digits; the number, or -1. */
+static int read_digits(const char **text, int min, int max)
+{
+    int value = 0, n = 0;
+    while (n < max && **text >= '0' && **text <= '9') {
+        value = value * 10 + (**text - '0');
+        (*text)++;
+        n++;
+    }
+    return n >= min ? value : -1;
+}
+
+/* Days from 1970-01-01 to year-month-day (proleptic Gregorian). */
+static int64_t days_from_civil(int64_t year, int month, int day)
+{
+    year -= month <= 2;
+    int64_t era = (year >= 0 ? year : year - 399) / 400;
+    int64_t year_of_era = year - era * 400;
+    int64_t day_of_year = (153 * (month + (month > 2 ? -3 : 9)) + 2) / 5 + day - 1;
+    int64_t day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    return era * 146097 + day_of_era - 719468;
+}
+
+/* " 4-Jul-2023 02:44:25 +0200" (RFC 3501 date-time, without the quotes).
+ * Parsed by hand: a listing of 100,000 messages parses 100,000 of them, and
+ * sscanf was a tenth of that time. */
 int imap_parse_internaldate(const char *text, int64_t *out)
 {
-    static const char months[] = "JanFebMarAprMayJunJulAugSepOctNovDec";
-    char month[4];
-    int day, year, hour, minute, second, zone, consumed = 0;
-    struct tm tm = { 0 };
+    static const char months[] = "janfebmaraprmayjunjulaugsepoctnovdec";
 
     while (*text == ' ')
         text++;
-    if (sscanf(text, "%2d-%3c-%4d %2d:%2d:%2d %5d%n", &day, month, &year, &hour, &minute,
-               &second, &zone, &consumed) != 7 || text[consumed] != '\0')
+    int day = read_digits(&text, 1, 2);
+    if (day < 1 || day > 31 || *text++ != '-')
         return -EINVAL;
-    month[3] = '\0';
-    const char *found = strcasestr(months, month);
-    if (!found || (found - months) % 3 != 0 || day < 1 || day > 31 || hour > 23 ||
-        minute > 59 || second > 60 || year < 1900)
+    char month[4] = { 0 };
+    for (int i = 0; i < 3; i++) {
+        if (!isalpha((unsigned char)text[i]))
+            return -EINVAL;
+        month[i] = (char)tolower((unsigned char)text[i]);
+    }
+    text += 3;
+    const char *found = strstr(months, month);
+    if (!found || (found - months) % 3 != 0 || *text++ != '-')
         return -EINVAL;
-    tm.tm_mday = day;
-    tm.tm_mon = (int)((found - months) / 3);
-    tm.tm_year = year - 1900;
-    tm.tm_hour = hour;
-    tm.tm_min = minute;
-    tm.tm_sec = second;
-    int sign = zone < 0 ? -1 : 1;
-    int zone_abs = zone * sign;
-    if (zone_abs % 100 > 59 || zone_abs / 100 > 23)
+    int year = read_digits(&text, 4, 4);
+    if (year < 1900 || *text++ != ' ')
         return -EINVAL;
-    *out = (int64_t)timegm(&tm) - sign * ((zone_abs / 100) * 3600 + (zone_abs % 100) * 60);
+    int hour = read_digits(&text, 1, 2);
+    if (hour < 0 || hour > 23 || *text++ != ':')
+        return -EINVAL;
+    int minute = read_digits(&text, 1, 2);
+    if (minute < 0 || minute > 59 || *text++ != ':')
+        return -EINVAL;
+    int second = read_digits(&text, 1, 2);
+    if (second < 0 || second > 60 || *text++ != ' ')
+        return -EINVAL;
+    int sign = 1;
+    if (*text == '+' || *text == '-')
+        sign = *text++ == '-' ? -1 : 1;
+    int zone = read_digits(&text, 1, 4);
+    if (zone < 0 || *text != '\0' || zone % 100 > 59 || zone / 100 > 23)
+        return -EINVAL;
+    int64_t days = days_from_civil(year, (int)((found - months) / 3) + 1, day);
+    *out = days * 86400 + hour * 3600 + minute * 60 + second -
+           sign * ((zone / 100) * 3600 + (zone % 100) * 60);
     return 0;
 }
 

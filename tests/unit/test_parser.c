@@ -974,6 +974,41 @@ static void test_push_classification(void)
     check_change("+ idling\r\n", IMAP_CHANGE_NONE, NULL);
 }
 
+/* INTERNALDATE, parsed by hand for speed: checked against Python's datetime. */
+static void check_date(const char *text, int want_ret, int64_t want)
+{
+    int64_t got = 0;
+    int ret = imap_parse_internaldate(text, &got);
+    if (ret != want_ret || (ret == 0 && got != want))
+        fprintf(stderr, "  for \"%s\": %d %lld\n", text, ret, (long long)got);
+    CHECK_EQ_INT(ret, want_ret);
+    if (want_ret == 0)
+        CHECK_EQ_INT(got, want);
+}
+
+static void test_internaldate(void)
+{
+    check_date("17-Jul-1996 02:44:25 -0700", 0, 837596665);
+    check_date(" 4-Jul-2023 02:44:25 +0200", 0, 1688431465);
+    check_date("04-jul-2023 02:44:25 +0200", 0, 1688431465);
+    check_date("29-Feb-2024 23:59:60 +0000", 0, 1709251200);    /* a leap second */
+    check_date("01-Jan-1900 00:00:00 +0000", 0, -2208988800LL);
+    check_date("31-Dec-2100 23:59:59 -0530", 0, 4134000599LL);
+    check_date("32-Jan-2020 00:00:00 +0000", -EINVAL, 0);
+    check_date("01-Foo-2020 00:00:00 +0000", -EINVAL, 0);
+    check_date("01-Janu-2020 00:00:00 +0000", -EINVAL, 0);
+    check_date("01-anF-2020 00:00:00 +0000", -EINVAL, 0);
+    check_date("01-Jan-20 00:00:00 +0000", -EINVAL, 0);
+    check_date("01-Jan-2020 24:00:00 +0000", -EINVAL, 0);
+    check_date("01-Jan-2020 00:60:00 +0000", -EINVAL, 0);
+    check_date("01-Jan-2020 00:00:00 +0060", -EINVAL, 0);
+    check_date("01-Jan-2020 00:00:00 +2400", -EINVAL, 0);
+    check_date("01-Jan-2020 00:00:00 +0000x", -EINVAL, 0);
+    check_date("01-Jan-2020 00:00:00", -EINVAL, 0);
+    check_date("", -EINVAL, 0);
+    check_date("99999999999-Jan-2020 00:00:00 +0000", -EINVAL, 0);
+}
+
 int main(void)
 {
     RUN(test_defaults);
@@ -993,6 +1028,7 @@ int main(void)
     RUN(test_limits);
     RUN(test_malformed);
     RUN(test_push_classification);
+    RUN(test_internaldate);
     RUN(test_throughput);
     return check_summary();
 }
