@@ -2029,22 +2029,30 @@ static char *folder_mailbox(struct fs_account *account, uint32_t folder_id)
     return mailbox;
 }
 
-/* Does uid still exist in mailbox?  1, 0, or a negative errno. */
+/* Does uid still exist in mailbox?  1, 0, or a negative errno.  Asked after
+ * a lost answer, when the other pooled connections may have broken in the
+ * same outage: a broken one is dropped and the question asked again, at
+ * worst on a new connection. */
 static int uid_exists(struct fs_account *account, const char *mailbox, uint32_t uid)
 {
-    struct imap_session *session;
-    struct table_builder table = { 0 };
-    int ret = session_acquire(account, mailbox, &session);
+    for (unsigned attempt = 0;; attempt++) {
+        struct imap_session *session;
+        struct table_builder table = { 0 };
+        int ret = session_acquire(account, mailbox, &session);
 
-    if (ret < 0)
-        return ret;
-    ret = imap_select(session, mailbox, 1, NULL);
-    if (ret == 0)
-        ret = imap_fetch_meta(session, uid, uid, collect_meta, &table);
-    session_release(account, session);
-    int found = table.count > 0;
-    free_table(&table);
-    return ret < 0 ? ret : found;
+        if (ret < 0)
+            return ret;
+        ret = imap_select(session, mailbox, 1, NULL);
+        if (ret == 0)
+            ret = imap_fetch_meta(session, uid, uid, collect_meta, &table);
+        int broke = imap_session_broken(session);
+        session_release(account, session);
+        int found = table.count > 0;
+        free_table(&table);
+        if (ret < 0 && broke && attempt < account->max_connections)
+            continue;
+        return ret < 0 ? ret : found;
+    }
 }
 
 static void forget_message(struct fs_account *account, uint32_t folder_id, uint32_t uid)
@@ -2117,8 +2125,9 @@ static int match_body(void *context, uint32_t uid, char *body, size_t len)
     return 0;
 }
 
-static int find_appended(struct fs_account *account, const char *mailbox, uint32_t first_uid,
-                         const char *data, size_t len, uint32_t *uid)
+static int find_appended_once(struct fs_account *account, const char *mailbox,
+                              uint32_t first_uid, const char *data, size_t len, uint32_t *uid,
+                              int *broke)
 {
     struct imap_session *session;
     struct table_builder table = { 0 };
@@ -2143,10 +2152,26 @@ static int find_appended(struct fs_account *account, const char *mailbox, uint32
                 break;
         }
     }
+    *broke = imap_session_broken(session);
     session_release(account, session);
     free_table(&table);
     *uid = find.found;
     return ret;
+}
+
+/* Looks for the message data among mailbox's UIDs from first_uid on (after
+ * a lost APPEND or COPY answer); retried like uid_exists when the pooled
+ * connection it got broke too. */
+static int find_appended(struct fs_account *account, const char *mailbox, uint32_t first_uid,
+                         const char *data, size_t len, uint32_t *uid)
+{
+    for (unsigned attempt = 0;; attempt++) {
+        int broke = 0;
+        int ret = find_appended_once(account, mailbox, first_uid, data, len, uid, &broke);
+        if (ret < 0 && broke && attempt < account->max_connections)
+            continue;
+        return ret;
+    }
 }
 
 /* MOVE by hand: COPY, then expunge the source only once the copy is known

@@ -114,7 +114,7 @@ def test_cut_during_grep(faulty, proxy, expected, fault):
     if fault == "cut-mid-literal":
         proxy.cut_after(s2c=120_000, limit=2)      # lands inside message bodies
     elif fault == "cut-client-side":
-        proxy.cut_after(c2s=700, limit=2)          # inside a command (TLS record)
+        proxy.cut_after(c2s=250, limit=2)          # inside a command (TLS record)
     before = proxy.connections_total
     p = subprocess.Popen(["grep", "-rl", WORD, os.path.join(m.mountpoint, folder)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
