@@ -59,6 +59,7 @@ struct cache_folder {
                                the watcher keeps recently used folders in sync */
     uint32_t scan_uids[4];  /* fs/: where recent readers were, to recognise scans */
     unsigned scan_next;     /* fs/: which of scan_uids to replace next */
+    uint32_t scan_ahead[4]; /* fs/: per reader, how far ahead bodies were seen cached */
     double reset_at;        /* fs/: monotonic time of the last UIDVALIDITY change */
     double negative_until;  /* fs/: until then the kernel may cache negative entries
                                for UID names here (monotonic time) */

@@ -487,6 +487,10 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
         }
         int long_outage = account->offline_since &&
                           now - account->offline_since > account->config.timeout;
+        /* Another request's connect failed already: this one, too, waits
+         * only the grace, even if the backoff keeps it from trying itself. */
+        if (!first_failure && account->offline_since)
+            first_failure = now;
         if (first_failure && now - first_failure >= grace)
             break;
         double wait_until = deadline;
@@ -1828,12 +1832,22 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
                     break;
                 }
         }
-        if (cursor == cursors) /* a new reader takes the oldest place */
+        if (cursor == cursors) { /* a new reader takes the oldest place */
             cursor = folder->scan_next++ % cursors;
+            folder->scan_ahead[cursor] = 0;
+        }
         folder->scan_uids[cursor] = uid;
         uidvalidity = folder->uidvalidity;
-        /* the first message in the window that is not cached yet */
-        for (size_t k = 1; step && k <= READAHEAD_MESSAGES; k++) {
+        /* The first message in the window that is not cached yet.  What this
+         * reader's last call saw cached is not looked at again: a warm scan
+         * would otherwise make READAHEAD_MESSAGES lookups per file. */
+        uint32_t ahead = folder->scan_ahead[cursor];
+        size_t k = 1;
+        if (step > 0 && ahead > uid)
+            k = cache_folder_lower_bound(folder, ahead) - lo + 1;
+        else if (step < 0 && ahead && ahead < uid)
+            k = lo - cache_folder_lower_bound(folder, ahead) + 1;
+        for (; step && k <= READAHEAD_MESSAGES; k++) {
             size_t i = step > 0 ? lo + k : lo - k;
             if ((step < 0 && k > lo) || i >= folder->count)
                 break;
@@ -1842,6 +1856,7 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
                 gap_uid = next;
                 break;
             }
+            folder->scan_ahead[cursor] = next;
         }
     }
     cache_unlock(account->cache);
@@ -2774,7 +2789,10 @@ int fs_account_fetch_envelopes(struct fs_account *account, uint32_t folder_id,
         if (ret < 0)
             break;
         ret = imap_select(session, mailbox, 1, &state);
-        if (ret == 0 && state.uidvalidity != uidvalidity) /* maybe a stale selection */
+        /* maybe a stale selection: from before a delete and re-create, or
+         * from before the message asked for arrived (the server would not
+         * show it to this session yet) */
+        if (ret == 0 && (state.uidvalidity != uidvalidity || (last && state.uidnext <= last)))
             ret = imap_select_fresh(session, mailbox, 1, &state);
         if (ret == 0 && state.uidvalidity != uidvalidity)
             ret = -ESTALE;
