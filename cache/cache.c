@@ -106,20 +106,6 @@ static void free_messages(struct cache_message *messages, size_t count)
     free(messages);
 }
 
-/* Index of the first message whose uid is >= uid (count if none). */
-static size_t lower_bound(const struct cache_folder *folder, uint32_t uid)
-{
-    size_t low = 0, high = folder->count;
-    while (low < high) {
-        size_t mid = low + (high - low) / 2;
-        if (folder->messages[mid].uid < uid)
-            low = mid + 1;
-        else
-            high = mid;
-    }
-    return low;
-}
-
 int cache_folder_set_messages(struct cache_folder *folder, struct cache_message *messages,
                               size_t count)
 {
@@ -138,12 +124,13 @@ int cache_folder_set_messages(struct cache_folder *folder, struct cache_message 
     return 0;
 }
 
-size_t cache_folder_lower_bound(const struct cache_folder *folder, uint32_t uid)
+size_t cache_messages_lower_bound(const struct cache_message *messages, size_t count,
+                                  uint32_t uid)
 {
-    size_t lo = 0, hi = folder->count;
+    size_t lo = 0, hi = count;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (folder->messages[mid].uid < uid)
+        if (messages[mid].uid < uid)
             lo = mid + 1;
         else
             hi = mid;
@@ -151,9 +138,14 @@ size_t cache_folder_lower_bound(const struct cache_folder *folder, uint32_t uid)
     return lo;
 }
 
+size_t cache_folder_lower_bound(const struct cache_folder *folder, uint32_t uid)
+{
+    return cache_messages_lower_bound(folder->messages, folder->count, uid);
+}
+
 struct cache_message *cache_folder_find(struct cache_folder *folder, uint32_t uid)
 {
-    size_t index = lower_bound(folder, uid);
+    size_t index = cache_folder_lower_bound(folder, uid);
     if (index < folder->count && folder->messages[index].uid == uid)
         return &folder->messages[index];
     return NULL;
@@ -183,7 +175,7 @@ int cache_folder_upsert(struct cache_folder *folder, const struct cache_message 
     if (folder->count == 0 || folder->messages[folder->count - 1].uid < message->uid)
         index = folder->count;
     else
-        index = lower_bound(folder, message->uid);
+        index = cache_folder_lower_bound(folder, message->uid);
 
     if (index < folder->count && folder->messages[index].uid == message->uid) {
         struct cache_message *existing = &folder->messages[index];
@@ -213,7 +205,7 @@ int cache_folder_upsert(struct cache_folder *folder, const struct cache_message 
 
 int cache_folder_remove(struct cache_folder *folder, uint32_t uid)
 {
-    size_t index = lower_bound(folder, uid);
+    size_t index = cache_folder_lower_bound(folder, uid);
     if (index >= folder->count || folder->messages[index].uid != uid)
         return -ENOENT;
 

@@ -129,6 +129,9 @@ int cache_folder_set_messages(struct cache_folder *folder, struct cache_message 
 struct cache_message *cache_folder_find(struct cache_folder *folder, uint32_t uid);
 /* The index of the first message with a uid >= uid (folder->count if none). */
 size_t cache_folder_lower_bound(const struct cache_folder *folder, uint32_t uid);
+/* The same in any array of messages sorted by uid (count if none). */
+size_t cache_messages_lower_bound(const struct cache_message *messages, size_t count,
+                                  uint32_t uid);
 /* Inserts in order, or updates flags, size, date and keywords of an existing
  * uid.  message->keywords is always taken over (freed on failure too).
  * 0 or -ENOMEM. */

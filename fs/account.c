@@ -1041,14 +1041,7 @@ static int table_append(struct table_builder *table, struct cache_message *messa
 
 static struct cache_message *table_find(struct table_builder *table, uint32_t uid)
 {
-    size_t lo = 0, hi = table->count;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (table->messages[mid].uid < uid)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
+    size_t lo = cache_messages_lower_bound(table->messages, table->count, uid);
     return lo < table->count && table->messages[lo].uid == uid ? &table->messages[lo] : NULL;
 }
 
@@ -1482,14 +1475,8 @@ size_t fs_account_stream_read(struct fs_account *account, uint32_t folder_id, ui
         if (!stream)
             break;
         if (!stream->unsorted) {
-            size_t lo = 0, hi = stream->count;
-            while (lo < hi) {
-                size_t mid = lo + (hi - lo) / 2;
-                if (stream->messages[mid].uid <= after)
-                    lo = mid + 1;
-                else
-                    hi = mid;
-            }
+            size_t lo = after == UINT32_MAX ? stream->count
+                        : cache_messages_lower_bound(stream->messages, stream->count, after + 1);
             n = stream->count - lo < max ? stream->count - lo : max;
             if (n) {
                 memcpy(out, stream->messages + lo, n * sizeof(*out));

@@ -435,13 +435,14 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         return;
     }
     cache_lock(cache);
-    struct cache_folder *shown = cache_folder_by_id(cache, folder_id);
-    int first_listing = shown && shown->listed_at == 0 && shown->uidvalidity == 0;
-    cache_unlock(cache);
-    if (first_listing) /* the name may come from a first listing still arriving */
-        ensure_listed(account, folder_id);
-    cache_lock(cache);
     struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
+    if (folder && folder->listed_at == 0 && folder->uidvalidity == 0) {
+        /* the name may come from a first listing still arriving */
+        cache_unlock(cache);
+        ensure_listed(account, folder_id);
+        cache_lock(cache);
+        folder = cache_folder_by_id(cache, folder_id);
+    }
     struct cache_message *message = visible_message(account, folder, uid);
     uint64_t listed_size = message ? message->size : 0;
     /* Right after a UIDVALIDITY change the kernel may still hold pages of the

@@ -379,7 +379,7 @@ static int tick_notify(struct fs_watcher *watcher, int poll_due, int list_due)
             if (imap_session_broken(watcher->session))
                 return -EIO;
             int idle = imap_session_has_capability(watcher->session, "IDLE");
-            log_info("the server refused NOTIFY (%s); watching with %s instead",
+            log_warn("the server refused NOTIFY (%s); watching with %s instead",
                      imap_session_last_error(watcher->session), idle ? "IDLE" : "a poll");
             watcher->mode = idle ? PUSH_IDLE : PUSH_NONE;
             return 0;
@@ -439,7 +439,8 @@ static int idle_in(struct fs_watcher *watcher, const struct watched *target)
     if (ret < 0 && imap_session_broken(watcher->session))
         return -EIO;
     if (ret < 0) {
-        log_info("the server refused IDLE; watching with a poll instead");
+        log_warn("the server refused IDLE (%s); watching with a poll instead",
+                 imap_session_last_error(watcher->session));
         watcher->mode = PUSH_NONE;
         return 0;
     }

@@ -2033,10 +2033,13 @@ static int idle_read(struct imap_session *session, int at_continuation)
         if (response->kind == IMAP_RESP_TAGGED && strcmp(response->tag, session->idle_tag) == 0) {
             /* DONE answered; or, before "+", a refusal (a server that lists
              * IDLE but will not do it now) */
-            if (response->status == IMAP_STATUS_OK)
+            if (response->status == IMAP_STATUS_OK) {
                 ret = at_continuation ? -EPROTO : 0;
-            else
+            } else {
                 ret = imap_status_errno(response);
+                snprintf(session->last_error, sizeof(session->last_error), "%s",
+                         response->text);
+            }
             session->idle_tag[0] = '\0';
             imap_response_free(response);
             return ret;

@@ -766,3 +766,13 @@ service imap-urlauth-login {{
             return os.path.getsize(self.log_path)
         except OSError:
             return 0
+
+
+class FastServer(TestServer):
+    """A TestServer whose checker connections do not wait for Nagle (tests
+    that make many small changes through the checker)."""
+
+    def checker(self):
+        c = super().checker()
+        c.imap.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return c

@@ -25,7 +25,6 @@ import errno
 import glob
 import os
 import re
-import socket
 import stat
 import subprocess
 import time
@@ -33,23 +32,15 @@ import time
 import pytest
 
 import imapserver
+from fsutil import errno_of, read_bytes
 from conftest import Mount
 from imapserver import imap_quote
 
 BODY_FETCH = re.compile(r"C: \S+ UID FETCH (\S+) \((?:[^)]*)BODY\.PEEK\[\]")
 
 
-class FastServer(imapserver.TestServer):
-    """A TestServer whose imaplib connections do not wait for Nagle."""
-
-    def checker(self):
-        c = super().checker()
-        c.imap.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return c
-
-
 def start_server(request, **kwargs):
-    srv = FastServer(tied_to_parent=True, **kwargs)
+    srv = imapserver.FastServer(tied_to_parent=True, **kwargs)
     request.addfinalizer(lambda: (srv.stop(), srv.remove()))
     srv.start()
     return srv
@@ -94,19 +85,6 @@ def folder_of(srv, rel):
     return srv.seeded["messages"][rel]["folder"]
 
 
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
-
-
 def timed_errno(fn, *args):
     t = time.monotonic()
     e = errno_of(fn, *args)
@@ -135,7 +113,7 @@ def mailbox_dir(cache_dir, mailbox):
     """DIR/m/HASH whose name file names mailbox (the name is the file's tail)."""
     found = []
     for name_file in glob.glob(os.path.join(cache_dir, "m", "*", "name")):
-        data = read(name_file)
+        data = read_bytes(name_file)
         if len(data) >= 32 and data[32:] == mailbox.encode():
             found.append(os.path.dirname(name_file))
     assert len(found) == 1, f"{mailbox}: cache dirs {found} under {cache_dir}"
@@ -194,7 +172,7 @@ def test_default_cache_dir_modes_and_bodies_on_disk_after_unmount(mounter, cache
             expected[rel] = (folder, c.uidvalidity(folder), uid, c.body(folder, uid))
     for rel in rels:
         folder, _, uid, body = expected[rel]
-        assert read(m.message_path(folder, "/", uid)) == body
+        assert read_bytes(m.message_path(folder, "/", uid)) == body
     unmount_timed(m)     # at once: the writer thread must not lose them
 
     top = xdg / "imapfs"
@@ -204,7 +182,7 @@ def test_default_cache_dir_modes_and_bodies_on_disk_after_unmount(mounter, cache
     for rel, (folder, uidvalidity, uid, body) in expected.items():
         path = body_file(str(cache_dir), folder, uidvalidity, uid)
         assert os.path.exists(path), f"{rel}: no body file {path} after the unmount"
-        assert body in read(path), f"{rel}: {path} does not hold the message"
+        assert body in read_bytes(path), f"{rel}: {path} does not hold the message"
 
 
 def test_cache_dir_none_writes_nothing(mounter, cache_server, tmp_path):
@@ -214,7 +192,7 @@ def test_cache_dir_none_writes_nothing(mounter, cache_server, tmp_path):
     m = mount_with(mounter, cache_server, "none", cache_dir="none", env=env)
     os.listdir(os.path.join(m.mountpoint, "INBOX"))
     with cache_server.checker() as c:
-        assert read(os.path.join(m.mountpoint, "INBOX", "1.eml")) == c.body("INBOX", 1)
+        assert read_bytes(os.path.join(m.mountpoint, "INBOX", "1.eml")) == c.body("INBOX", 1)
     unmount_timed(m)
     assert list(xdg.rglob("*")) == [], "-o cache_dir=none wrote to $XDG_CACHE_HOME"
 
@@ -227,7 +205,7 @@ def test_cache_dir_open_to_others_is_refused(mounter, cache_server, tmp_path):
     os.chmod(cache_dir, 0o755)
     m = mount_with(mounter, cache_server, "open", cache_dir=str(cache_dir))
     with cache_server.checker() as c:
-        assert read(os.path.join(m.mountpoint, "INBOX", "2.eml")) == c.body("INBOX", 2)
+        assert read_bytes(os.path.join(m.mountpoint, "INBOX", "2.eml")) == c.body("INBOX", 2)
     unmount_timed(m)
     assert list(cache_dir.rglob("*")) == [], "imapfs used a cache dir open to others"
     assert stat.S_IMODE(cache_dir.stat().st_mode) == 0o755, "imapfs changed the dir's mode"
@@ -271,7 +249,7 @@ def test_remount_lists_from_disk_resyncs_and_warm_grep_fetches_nothing(mounter, 
     assert names == sorted(f"{u}.eml" for u in server_msgs)
     got_flags = os.getxattr(m2.message_path(folder, "/", flagged), "user.imap.flags").decode()
     assert set(got_flags.split()) == server_msgs[flagged]["flags"]
-    assert read(m2.message_path(folder, "/", new_uid)) == new_body
+    assert read_bytes(m2.message_path(folder, "/", new_uid)) == new_body
 
     log = m2.log()
     fetches = body_fetches(log)
@@ -311,8 +289,8 @@ def test_one_daemon_per_cache_dir(mounter, cache_server, tmp_path):
     m2 = mount_with(mounter, cache_server, "b", cache_dir=cache_dir)
     with cache_server.checker() as c:
         body = c.body("INBOX", 3)
-    assert read(os.path.join(m2.mountpoint, "INBOX", "3.eml")) == body
-    assert read(os.path.join(m1.mountpoint, "INBOX", "3.eml")) == body
+    assert read_bytes(os.path.join(m2.mountpoint, "INBOX", "3.eml")) == body
+    assert read_bytes(os.path.join(m1.mountpoint, "INBOX", "3.eml")) == body
     assert re.search(r"cache.*in use|in use.*cache", m2.log()), \
         f"no word about the cache dir being in use:\n{m2.log()}"
     unmount_timed(m2)
@@ -330,7 +308,7 @@ def test_cache_max_bounds_the_bodies(mounter, cache_server, tmp_path):
     with cache_server.checker() as c:
         bodies = c.bodies("Lists/notmuch")
     for uid, body in bodies.items():
-        assert read(os.path.join(folder, f"{uid}.eml")) == body, uid
+        assert read_bytes(os.path.join(folder, f"{uid}.eml")) == body, uid
     unmount_timed(m)
     body_files = [p for p in cache_dir.rglob("*") if p.is_file() and p.name.isdigit()]
     total = sum(p.stat().st_size for p in body_files)
@@ -340,7 +318,7 @@ def test_cache_max_bounds_the_bodies(mounter, cache_server, tmp_path):
     m2 = mount_with(mounter, cache_server, "max2", cache_dir=str(cache_dir),
                     options=["cache_max=64K"])
     for uid in (1, 150, 300):
-        assert read(os.path.join(m2.mountpoint, "Lists", "notmuch", f"{uid}.eml")) == bodies[uid]
+        assert read_bytes(os.path.join(m2.mountpoint, "Lists", "notmuch", f"{uid}.eml")) == bodies[uid]
     unmount_timed(m2)
 
 
@@ -354,11 +332,11 @@ def test_torn_body_is_fetched_again(damage, mounter, cache_server, tmp_path):
         body = c.body("INBOX", uid)
         uidvalidity = c.uidvalidity("INBOX")
     m1 = mount_with(mounter, srv, "t1", cache_dir=cache_dir)
-    assert read(m1.message_path("INBOX", "/", uid)) == body
+    assert read_bytes(m1.message_path("INBOX", "/", uid)) == body
     unmount_timed(m1)
 
     path = body_file(cache_dir, "INBOX", uidvalidity, uid)
-    data = read(path)
+    data = read_bytes(path)
     assert body in data
     if damage == "truncated":
         torn = data[:-5]
@@ -372,13 +350,13 @@ def test_torn_body_is_fetched_again(damage, mounter, cache_server, tmp_path):
     m2 = mount_with(mounter, srv, "t2", cache_dir=cache_dir, debug=True)
     path_on_mount = m2.message_path("INBOX", "/", uid)
     assert os.stat(path_on_mount).st_size == len(body)
-    assert read(path_on_mount) == body, f"the {damage} cache file was served"
+    assert read_bytes(path_on_mount) == body, f"the {damage} cache file was served"
     fetches = body_fetches(m2.log())
     assert any(uid_set_contains(s, uid) for s in fetches), \
         f"UID {uid} not fetched again after its cache file was {damage}: {fetches}"
     unmount_timed(m2)
     # what is on disk now is whole again
-    assert body in read(body_file(cache_dir, "INBOX", uidvalidity, uid))
+    assert body in read_bytes(body_file(cache_dir, "INBOX", uidvalidity, uid))
 
 
 def test_offline_mount_from_cache_then_live_again(mounter, own_server, tmp_path):
@@ -394,7 +372,7 @@ def test_offline_mount_from_cache_then_live_again(mounter, own_server, tmp_path)
     inbox_names = sorted(os.listdir(inbox))
     assert inbox_names == sorted(f"{u}.eml" for u in inbox_msgs)
     for uid, body in inbox_bodies.items():
-        assert read(os.path.join(inbox, f"{uid}.eml")) == body
+        assert read_bytes(os.path.join(inbox, f"{uid}.eml")) == body
     # listed, but nothing read from it
     a2024_names = sorted(os.listdir(m1.folder_path("Archive/2024", "/")))
     unmount_timed(m1)
@@ -411,7 +389,7 @@ def test_offline_mount_from_cache_then_live_again(mounter, own_server, tmp_path)
     assert sorted(os.listdir(inbox)) == inbox_names
     assert sorted(os.listdir(m2.folder_path("Archive/2024", "/"))) == a2024_names
     for uid, body in inbox_bodies.items():
-        assert read(os.path.join(inbox, f"{uid}.eml")) == body, f"offline INBOX/{uid}.eml"
+        assert read_bytes(os.path.join(inbox, f"{uid}.eml")) == body, f"offline INBOX/{uid}.eml"
         assert os.stat(os.path.join(inbox, f"{uid}.eml")).st_size == len(body)
 
     with_flags = min(u for u in inbox_bodies if inbox_msgs[u]["flags"])
@@ -429,7 +407,7 @@ def test_offline_mount_from_cache_then_live_again(mounter, own_server, tmp_path)
 
     # never fetched / never listed: EIO, quickly
     never_read = os.path.join(m2.folder_path("Archive/2024", "/"), f"{min(a2024)}.eml")
-    e, took = timed_errno(read, never_read)
+    e, took = timed_errno(read_bytes, never_read)
     assert e == errno.EIO and took < 5, f"cat of a never-fetched file: errno {e} after {took:.1f}s"
     e, took = timed_errno(os.listdir, m2.folder_path("Lists/notmuch", "/"))
     assert e == errno.EIO and took < 5, f"ls of a never-listed folder: errno {e} after {took:.1f}s"
@@ -463,9 +441,9 @@ def test_offline_mount_from_cache_then_live_again(mounter, own_server, tmp_path)
             f"server came back: {sorted(os.listdir(inbox))}"
         time.sleep(0.5)
     with srv.checker() as c:
-        assert read(os.path.join(inbox, f"{uid}.eml")) == c.body("INBOX", uid)
+        assert read_bytes(os.path.join(inbox, f"{uid}.eml")) == c.body("INBOX", uid)
         # and what was never fetched is fetched now
-        assert read(never_read) == c.body("Archive/2024", min(a2024))
+        assert read_bytes(never_read) == c.body("Archive/2024", min(a2024))
     assert write_after < 12, f"writes failed for {write_after:.1f}s after the server came back"
     unmount_timed(m2)
     check_modes(cache_dir)

@@ -28,7 +28,6 @@ Every expectation comes from the server through the independent client
 import errno
 import imaplib
 import os
-import re
 import ssl
 import stat
 import subprocess
@@ -39,6 +38,7 @@ import pytest
 
 import cyrusserver
 import imapserver
+from fsutil import read_bytes
 from conftest import Mounter, fusermount_u, is_mounted, snapshot
 
 SHAPES = {
@@ -174,11 +174,6 @@ def expected_tree(server, state):
     for raw, msgs in state["messages"].items():
         tree["/".join(mount_parts(server, raw))].update(f"{uid}.eml" for uid in msgs)
     return tree
-
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 # --------------------------------------------------------------------------

@@ -849,6 +849,33 @@ def test_hostile_pushes(rig, push):
     m.finish()
 
 
+@pytest.mark.parametrize("push", ["NOTIFY", "IDLE"])
+def test_refused_push_falls_back_to_the_poll(rig, push):
+    """A server that lists NOTIFY or IDLE but refuses it: the watcher says so
+    in the log and keeps the mount in step with the STATUS poll instead."""
+    srv = rig.server(mailboxes=inbox(2), capabilities=("IMAP4rev1", push))
+    srv.on(push, lambda conn, cmd: [cmd.no("not today")])
+    m = rig.mounted(srv)
+    names, res = listing(m.path("INBOX"))
+    assert names and set(names) == {b".", b"..", b"1.eml", b"2.eml"}, res
+    deadline = time.monotonic() + 10
+    while push not in srv.names():      # the watcher tries once INBOX is in use
+        assert time.monotonic() < deadline, f"the watcher never tried {push}: {srv.names()}"
+        time.sleep(0.1)
+    srv.mailbox(b"INBOX").messages.append(simple_message(3))
+    deadline = time.monotonic() + 10
+    while True:
+        names, res = listing(m.path("INBOX"))
+        if names and b"3.eml" in names:
+            break
+        assert time.monotonic() < deadline, f"new mail never showed after {push} was refused"
+        time.sleep(0.3)
+    assert "STATUS" in srv.names(), "the new mail came without the poll?"
+    assert f"the server refused {push} (not today)" in m.log(), m.log()[-2000:]
+    m.check_alive()
+    m.finish()
+
+
 def test_bye_mid_listing(rig):
     srv = rig.server(mailboxes=inbox(3))
     hostile = Switch()

@@ -18,13 +18,13 @@ import email.header
 import errno
 import os
 import re
-import socket
 import subprocess
 import time
 
 import pytest
 
 import imapserver
+from fsutil import errno_of
 
 FIELDS = ("subject", "from", "date")
 
@@ -64,15 +64,6 @@ TRICKY = [
      "a subject that is long enough to be folded onto a second line",
      "Folded Name <folded@example.org>"),
 ]
-
-
-class FastServer(imapserver.TestServer):
-    """A TestServer whose imaplib connections do not wait for Nagle."""
-
-    def checker(self):
-        c = super().checker()
-        c.imap.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return c
 
 
 # --------------------------------------------------------------------------
@@ -152,14 +143,6 @@ def expected_fields(envelope):
 
 def xattr(path, name):
     return os.getxattr(path, name).decode("utf-8")
-
-
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 # --------------------------------------------------------------------------
@@ -247,7 +230,7 @@ def test_reading_xattrs_leaves_flags_alone(mount, server, checker, server_state)
 @pytest.fixture(scope="module")
 def own_server(request):
     """Folder Tricky: 1.eml plain, then one message per TRICKY entry."""
-    srv = FastServer(tied_to_parent=True, seed=False)
+    srv = imapserver.FastServer(tied_to_parent=True, seed=False)
     request.addfinalizer(lambda: (srv.stop(), srv.remove()))
     srv.start()
     with srv.checker() as c:

@@ -14,7 +14,6 @@ mount, and the old mount is checked not to ask again.
 
 import os
 import re
-import socket
 import subprocess
 
 import pytest
@@ -24,18 +23,9 @@ import imapserver
 LIMIT_KIB = 4096
 
 
-class FastServer(imapserver.TestServer):
-    """A TestServer whose imaplib connections do not wait for Nagle."""
-
-    def checker(self):
-        c = super().checker()
-        c.imap.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return c
-
-
 @pytest.fixture(scope="module")
 def quota_server(request):
-    srv = FastServer(tied_to_parent=True, seed=False, quota_storage_kib=LIMIT_KIB)
+    srv = imapserver.FastServer(tied_to_parent=True, seed=False, quota_storage_kib=LIMIT_KIB)
     request.addfinalizer(lambda: (srv.stop(), srv.remove()))
     srv.start()
     for i in range(3):

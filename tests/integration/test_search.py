@@ -22,7 +22,6 @@ CHARSET UTF-8`` (imaplib) on the same server.
 import errno
 import os
 import re
-import socket
 import stat
 import subprocess
 import time
@@ -30,6 +29,7 @@ import time
 import pytest
 
 import imapserver
+from fsutil import errno_of, read_bytes
 
 SEARCH = ".search"
 
@@ -69,19 +69,10 @@ CASES = [
 ]
 
 
-class FastServer(imapserver.TestServer):
-    """A TestServer whose imaplib connections do not wait for Nagle."""
-
-    def checker(self):
-        c = super().checker()
-        c.imap.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return c
-
-
 @pytest.fixture(scope="module")
 def own_server(request):
     """Seeded, for the tests that change the account (or try to)."""
-    srv = FastServer(tied_to_parent=True)
+    srv = imapserver.FastServer(tied_to_parent=True)
     request.addfinalizer(lambda: (srv.stop(), srv.remove()))
     srv.start()
     return srv
@@ -106,19 +97,6 @@ def server_search(checker, raw_folder, criteria):
         typ, data = imap.uid("SEARCH", "CHARSET", "UTF-8", criteria)
     assert typ == "OK", (criteria, data)
     return {int(u) for u in (data[0] or b"").split()}
-
-
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
-
-
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def results(query_dir):
@@ -190,7 +168,7 @@ def test_cat_through_result_symlinks(mount, server, checker, server_state):
             link = os.path.join(query_dir, f"{uid}.eml")
             assert stat.S_ISLNK(os.lstat(link).st_mode)
             assert os.path.samefile(link, os.path.join(folder_dir, f"{uid}.eml"))
-            assert read(link) == bodies[uid], f"{raw_folder}: {uid}.eml through the symlink"
+            assert read_bytes(link) == bodies[uid], f"{raw_folder}: {uid}.eml through the symlink"
             assert os.stat(link).st_size == len(bodies[uid])
             # the envelope xattrs follow the link like any file's
             assert os.getxattr(link, "user.mime_type") == b"message/rfc822"
@@ -334,7 +312,7 @@ def test_root_search_is_the_union_of_folder_searches(criteria, mount, checker, s
         for rel in sorted(got):
             folder, name = rel.rsplit("/", 1)
             raw_name = imapserver.mutf7_encode(folder) if folder != "INBOX" else folder
-            assert read(os.path.join(query_dir, rel)) == \
+            assert read_bytes(os.path.join(query_dir, rel)) == \
                 checker.body(raw_name, int(name.split(".")[0])), rel
     # and the root's .search lists root queries, not the folders' ones
     listed = os.listdir(os.path.join(root, SEARCH))
@@ -381,10 +359,10 @@ def test_results_refresh_after_dir_cache_timeout(mounter, own_server):
             f"FLAGGED {sorted(got_flagged)} (want {sorted(want_flagged)})"
         time.sleep(0.3)
     with srv.checker() as c:
-        assert read(os.path.join(subject_dir, f"{new_uid}.eml")) == c.body("INBOX", new_uid)
+        assert read_bytes(os.path.join(subject_dir, f"{new_uid}.eml")) == c.body("INBOX", new_uid)
         for name in got_flagged:
             uid = int(name.split(".")[0])
-            assert read(os.path.join(flagged_dir, name)) == c.body("INBOX", uid), name
+            assert read_bytes(os.path.join(flagged_dir, name)) == c.body("INBOX", uid), name
     # a result gone from the listing is gone by name too (the kernel may keep
     # the old entry for at most another dir_cache_timeout)
     while errno_of(os.lstat, os.path.join(flagged_dir, f"{gone}.eml")) != errno.ENOENT:
@@ -424,7 +402,7 @@ def test_a_result_name_never_leads_to_another_message(mounter, own_server):
         path = os.path.join(flagged_dir, name)
         try:
             target = os.readlink(path)
-            data = read(path)
+            data = read_bytes(path)
         except FileNotFoundError:
             continue
         uid = int(name.split(".")[0])
@@ -496,7 +474,7 @@ def test_search_without_esearch_or_literal_plus(mounter, request):
     """On a plain IMAP4rev1 server: no RETURN (ALL), and an 8-bit word as a
     synchronizing literal; results still right.  With ESEARCH and LITERAL+
     (the shared server) the -d log shows RETURN (ALL) and a {n+} literal."""
-    srv = FastServer(tied_to_parent=True, seed=False, capabilities="IMAP4rev1")
+    srv = imapserver.FastServer(tied_to_parent=True, seed=False, capabilities="IMAP4rev1")
     request.addfinalizer(lambda: (srv.stop(), srv.remove()))
     srv.start()
     with srv.checker() as c:

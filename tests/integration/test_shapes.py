@@ -35,6 +35,7 @@ import time
 import pytest
 
 import imapserver
+from fsutil import read_bytes
 from conftest import Mounter, snapshot
 from imapserver import imap_quote
 from test_cyrus import start_cyrus, stop_cyrus
@@ -116,11 +117,6 @@ def expected_tree(server, state):
     return tree
 
 
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def run(argv):
     return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
 
@@ -169,7 +165,7 @@ def test_two_folders_byte_exact(shape):
         for uid, meta in msgs.items():
             path = mpath(shape, raw, f"{uid}.eml")
             st = os.stat(path)
-            data = read(path)
+            data = read_bytes(path)
             assert data == bodies[uid], f"{path}: bytes differ from BODY.PEEK[]"
             assert st.st_size == meta["size"] == len(data), path
             assert int(st.st_mtime) == meta["internaldate"], path
@@ -227,7 +223,7 @@ def test_write_round(shape, tmp_path):
     uid = next(iter(msgs))
     assert c.body(a_raw, uid) == data
     wait_for(lambda: f"{uid}.eml" in os.listdir(a), f"{uid}.eml not listed in {a}")
-    assert read(os.path.join(a, f"{uid}.eml")) == data
+    assert read_bytes(os.path.join(a, f"{uid}.eml")) == data
 
     # mv to another folder: there exactly once, gone (or \Deleted) here
     r = run(["mv", os.path.join(a, f"{uid}.eml"), b + "/"])

@@ -35,6 +35,7 @@ import time
 import pytest
 
 import imapserver
+from fsutil import errno_of, mount_server_processes, read_bytes
 
 SYNC_TARGET = 5.0       # seconds: what fs/watch.c promises
 SYNC_BOUND = 15.0       # seconds: what the tests require (generous, for loaded machines)
@@ -224,19 +225,6 @@ def getfattr_flags(path):
     if r.returncode != 0:
         return None
     return set(r.stdout.decode().split())
-
-
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
-
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 @pytest.fixture
@@ -701,72 +689,6 @@ def test_uidvalidity_change_never_shows_old_bytes(mount_on, other):
 # --------------------------------------------------------------------------
 # dir_cache_timeout: the refresh at access, when the watcher does not help
 
-def _tcp_inodes_by_peer(pid):
-    """{socket inode} held by pid."""
-    out = set()
-    fd_dir = f"/proc/{pid}/fd"
-    for fd in os.listdir(fd_dir):
-        try:
-            target = os.readlink(os.path.join(fd_dir, fd))
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.add(int(target[8:-1]))
-    return out
-
-
-def _tcp_table():
-    """[(local port, remote port, inode)] of IPv4 TCP sockets in ESTABLISHED state."""
-    rows = []
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            local, remote, state, inode = fields[1], fields[2], fields[3], int(fields[9])
-            if state != "01":
-                continue
-            rows.append((int(local.split(":")[1], 16), int(remote.split(":")[1], 16), inode))
-    return rows
-
-
-def _children(pid):
-    """Pids whose parent is pid."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
-def _start_time(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
-
-
-def mount_server_processes(server, mount_pid, port):
-    """The server's imap processes serving mount_pid's connections to port,
-    oldest first: [(pid, start time)]."""
-    client_inodes = _tcp_inodes_by_peer(mount_pid)
-    table = _tcp_table()
-    client_ports = {lport for lport, rport, inode in table if inode in client_inodes and rport == port}
-    server_inodes = {inode for lport, rport, inode in table if lport == port and rport in client_ports}
-    found = []
-    for pid in _children(server.pid):
-        try:
-            if _tcp_inodes_by_peer(pid) & server_inodes:
-                found.append((pid, _start_time(pid)))
-        except OSError:
-            continue
-    return sorted(found, key=lambda p: p[1])
-
-
 def test_unwatched_folder_refreshed_after_dir_cache_timeout(mount_on, sync_server, other):
     """A folder the watcher does not poll (as after 10 minutes unused) is
     listed again at the first access after dir_cache_timeout.  We cannot wait
@@ -783,7 +705,7 @@ def test_unwatched_folder_refreshed_after_dir_cache_timeout(mount_on, sync_serve
     deadline = time.monotonic() + 10
     procs = []
     while time.monotonic() < deadline:     # the watcher connects at its first poll (2 s)
-        procs = mount_server_processes(sync_server, m.proc.pid, sync_server.imaps_port)
+        procs, _ = mount_server_processes(sync_server, m.proc.pid)
         if len(procs) >= 2:
             break
         time.sleep(0.2)

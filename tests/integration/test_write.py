@@ -35,6 +35,7 @@ import time
 import pytest
 
 import imapserver
+from fsutil import errno_of, read_bytes
 from faultproxy import FaultProxy
 from imapserver import imap_quote
 
@@ -153,14 +154,6 @@ def run(cmd, **kwargs):
                           stderr=subprocess.STDOUT, text=True, timeout=60, **kwargs)
 
 
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
-
-
 def ename(err):
     return errno.errorcode.get(err, str(err)) if err else "success"
 
@@ -171,11 +164,6 @@ def ls(path):
 
 def names(*uids):
     return sorted(f"{uid}.eml" for uid in uids)
-
-
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def crlf(data):
@@ -228,7 +216,7 @@ def test_move_into_folder_holding_the_same_uid(how, mount, server, checker):
     src_bodies, dst_bodies = checker.bodies(src), checker.bodies(dst)
     src_meta = checker.messages(src)
     assert ls(msrc) == names(1, 2, 3) and ls(mdst) == names(1, 2, 3)
-    assert read(os.path.join(mdst, "2.eml")) == dst_bodies[2]     # in the page cache now
+    assert read_bytes(os.path.join(mdst, "2.eml")) == dst_bodies[2]     # in the page cache now
 
     if how == "mv":
         r = run(["mv", os.path.join(msrc, "2.eml"), mdst + "/"])
@@ -238,7 +226,7 @@ def test_move_into_folder_holding_the_same_uid(how, mount, server, checker):
 
     # the mount, at once
     src_now, dst_now = ls(msrc), ls(mdst)
-    dst_read = {n: read(os.path.join(mdst, n)) for n in dst_now}
+    dst_read = {n: read_bytes(os.path.join(mdst, n)) for n in dst_now}
     # the server
     after = checker.bodies(dst)
     new = sorted(set(after) - set(dst_bodies))
@@ -279,7 +267,7 @@ def test_move_to_another_name_lists_under_the_new_uid(mount, server, checker):
     assert not stale, "77.eml still resolves on the mount after the move"
     assert dst_now == names(new_uid)
     assert ls(msrc) == names(2)
-    assert read(os.path.join(mdst, f"{new_uid}.eml")) == body
+    assert read_bytes(os.path.join(mdst, f"{new_uid}.eml")) == body
 
 
 def test_moved_message_is_usable_at_once(mount, server, checker):
@@ -304,9 +292,9 @@ def test_moved_message_is_usable_at_once(mount, server, checker):
             step = f"ls {here}"
             assert f"{uid}.eml" not in ls(os.path.join(mp, here)), f"{here}/{uid}.eml still listed"
             step = f"read {there}/{new[0]} (the moved message)"
-            assert read(os.path.join(mp, there, new[0])) == body, "wrong bytes"
+            assert read_bytes(os.path.join(mp, there, new[0])) == body, "wrong bytes"
             step = f"read {there}/2.eml (the old occupant of the name)"
-            assert read(os.path.join(mp, there, "2.eml")) == occupant, "not its old message"
+            assert read_bytes(os.path.join(mp, there, "2.eml")) == occupant, "not its old message"
         except (OSError, AssertionError) as e:
             wrong.append(f"move {i + 1}, {here}/{uid}.eml -> {there}/2.eml: {step}: {e!r}")
         # where the server says it is, for the next round
@@ -392,7 +380,7 @@ def test_trash_option_moves_to_the_trash_folder(mounter, server):
         assert_removed(server, checker, "trash-src", 1)
         assert src_now == names(2, 3)
         assert trash_now == names(trash_uid)
-        assert read(os.path.join(mtrash, f"{trash_uid}.eml")) == body
+        assert read_bytes(os.path.join(mtrash, f"{trash_uid}.eml")) == body
 
         # rm inside the trash folder really deletes
         r = run(["rm", os.path.join(mtrash, f"{trash_uid}.eml")])
@@ -451,7 +439,7 @@ def check_new_message(server, checker, mount, folder, data, name="msg.eml", inte
     if internaldate is not None:
         assert meta["internaldate"] == internaldate, "INTERNALDATE is not the file's mtime"
     assert listing == names(uid), f"mount lists {listing}, expected only {uid}.eml"
-    assert read(os.path.join(mf, f"{uid}.eml")) == body
+    assert read_bytes(os.path.join(mf, f"{uid}.eml")) == body
     return uid
 
 
@@ -556,13 +544,13 @@ def test_cp_between_folders_on_the_mount_appends_a_copy(mount, checker):
     assert after[new_uid] == src_bodies[2] and after[1] == dst_body
     assert src_now == names(1, 2)
     assert dst_now == names(1, new_uid)
-    assert read(os.path.join(mdst, f"{new_uid}.eml")) == src_bodies[2]
+    assert read_bytes(os.path.join(mdst, f"{new_uid}.eml")) == src_bodies[2]
 
     r = run(["cp", os.path.join(msrc, "1.eml"), mdst + "/"])
     assert r.returncode != 0 and "Permission denied" in r.stdout, \
         f"cp onto the existing dst/1.eml: status {r.returncode} {r.stdout}"
     assert checker.bodies(dst) == after, "the server changed"
-    assert read(os.path.join(mdst, "1.eml")) == dst_body
+    assert read_bytes(os.path.join(mdst, "1.eml")) == dst_body
     assert checker.bodies(src) == src_bodies, "cp changed the source folder"
     assert ls(mdst) == names(1, new_uid)
 
@@ -646,7 +634,7 @@ def test_existing_messages_cannot_be_overwritten(mount, checker, tmp_path):
     assert not wrong, "\n".join(wrong)
     assert checker.bodies(f) == bodies and checker.messages(f) == meta, "the server copy changed"
     assert ls(mf) == names(1, 2)
-    assert read(p) == bodies[1]
+    assert read_bytes(p) == bodies[1]
     st2 = os.stat(p)
     assert (st2.st_size, st2.st_mtime, st2.st_mode) == (st.st_size, st.st_mtime, st.st_mode)
 
@@ -693,7 +681,7 @@ def test_mkdir_rename_rmdir_with_non_ascii_names(mount, checker):
     assert "Projekte-Übersicht" in root and "Projekte" not in root, root
     moved = os.path.join(mp, "Projekte-Übersicht", "Ärger")
     assert ls(moved) == names(1)
-    assert read(os.path.join(moved, "1.eml")) == message("aerger")
+    assert read_bytes(os.path.join(moved, "1.eml")) == message("aerger")
     folders = folder_names(checker)
     assert {"Projekte-&ANw-bersicht", "Projekte-&ANw-bersicht/&AMQ-rger"} <= folders, sorted(folders)
     assert not {"Projekte", "Projekte/&AMQ-rger"} & folders, sorted(folders)
@@ -734,7 +722,7 @@ def test_renamed_folder_is_usable_at_once(mount, checker):
             step = f"ls {new}/sub"
             assert ls(os.path.join(mp, new, "sub")) == names(1)
             step = f"read {new}/sub/1.eml"
-            assert read(os.path.join(mp, new, "sub", "1.eml")) == body
+            assert read_bytes(os.path.join(mp, new, "sub", "1.eml")) == body
             step = f"{old} gone"
             assert not os.path.exists(os.path.join(mp, old))
         except (OSError, AssertionError) as e:
