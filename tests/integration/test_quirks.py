@@ -30,24 +30,9 @@ import os
 import sys
 import time
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakeimap import CRLF, Mailbox, Message, simple_message  # noqa: E402
-from test_hostile import Rig, assert_quick, probe, run  # noqa: E402
-
-
-@pytest.fixture
-def rig(imapfs, tmp_path, request):
-    r = Rig(imapfs, tmp_path)
-    try:
-        yield r
-    finally:
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            for m in r.mounts:
-                sys.stderr.write(f"\n--- {m.logfile} ---\n{m.log()[-8000:]}\n")
-        r.cleanup()
+from test_hostile import assert_quick, probe, rig, run  # noqa: E402,F401 (rig: the fixture)
 
 
 def sized_message(uid, size, folder="INBOX", word="filler"):

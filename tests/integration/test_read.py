@@ -19,6 +19,7 @@ import time
 import pytest
 
 import imapserver
+from fsutil import errno_of
 from conftest import is_mounted, mount_entry, fusermount_u, snapshot
 
 
@@ -322,13 +323,6 @@ def test_optional_second_read_served_from_cache(mounter, server):
 # --------------------------------------------------------------------------
 # writes: -o ro refuses them
 
-def _errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
-
 
 def _create(path):
     with open(path, "wb") as f:
@@ -363,7 +357,7 @@ def test_writes_are_refused_with_erofs(mode, mounter, scratch_server):
     ]
     wrong = []
     for what, fn, *args in attempts:
-        err = _errno_of(fn, *args)
+        err = errno_of(fn, *args)
         if err != errno.EROFS:
             wrong.append(f"{what}: {os.strerror(err) if err else 'succeeded'}")
     with scratch_server.checker() as checker:

@@ -38,7 +38,7 @@ import imapserver
 from fsutil import read_bytes
 from conftest import Mounter, snapshot
 from imapserver import imap_quote
-from test_cyrus import start_cyrus, stop_cyrus
+from test_cyrus import expected_tree, start_cyrus, stop_cyrus
 
 SHAPES = {
     "dovecot-dot-prefix": ("dovecot", {"separator": ".", "prefix": "INBOX."}),
@@ -103,18 +103,6 @@ def mount_parts(server, raw):
 
 def mpath(server, raw, *rest):
     return os.path.join(server.mount.mountpoint, *mount_parts(server, raw), *rest)
-
-
-def expected_tree(server, state):
-    tree = {"": set()}
-    for _, _, raw, _ in state["folders"]:
-        parts = mount_parts(server, raw)
-        for i in range(len(parts)):
-            tree.setdefault("/".join(parts[:i]), set()).add(parts[i])
-            tree.setdefault("/".join(parts[:i + 1]), set())
-    for raw, msgs in state["messages"].items():
-        tree["/".join(mount_parts(server, raw))].update(f"{uid}.eml" for uid in msgs)
-    return tree
 
 
 def run(argv):
