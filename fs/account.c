@@ -437,13 +437,15 @@ int fs_account_open_session(struct fs_account *account, struct imap_session **ou
     return open_session(account, out, err, errlen, &refreshed);
 }
 
-/* An idle session (preferring one with mailbox selected), or a new one.
+/* An idle session (preferring one with mailbox selected, and in the mode
+ * wanted: reads leave read-write selections to changes, which then need
+ * no SELECT before their command), or a new one.
  * New connections back off after failures (0.25 s doubling to 10 s); a
  * request waits for the server at most the timeout, and once the server has
  * been gone longer than that, requests fail at once with EIO (cached data is
  * still served by the callers) while a connect is tried now and then. */
-static int session_acquire(struct fs_account *account, const char *mailbox,
-                           struct imap_session **out)
+static int session_acquire_for(struct fs_account *account, const char *mailbox, int writable,
+                               struct imap_session **out)
 {
     double deadline = now_monotonic() + account->config.timeout;
     /* After this request's first failed connect, it waits only a short
@@ -459,11 +461,15 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
         double now = now_monotonic();
         if (account->idle_count > 0) {
             size_t pick = account->idle_count - 1;
-            for (size_t i = 0; mailbox && i < account->idle_count; i++) {
+            int pick_score = 0; /* 1: mailbox selected; 2: in the mode wanted */
+            for (size_t i = 0; mailbox && i < account->idle_count && pick_score < 2; i++) {
                 const char *selected = imap_session_selected(account->idle[i]);
-                if (selected && strcmp(selected, mailbox) == 0) {
+                if (!selected || strcmp(selected, mailbox) != 0)
+                    continue;
+                int score = imap_session_selected_readonly(account->idle[i]) == !writable ? 2 : 1;
+                if (score > pick_score) {
                     pick = i;
-                    break;
+                    pick_score = score;
                 }
             }
             *out = account->idle[pick];
@@ -549,6 +555,12 @@ static int session_acquire(struct fs_account *account, const char *mailbox,
     }
     pthread_mutex_unlock(&account->pool_lock);
     return -EIO;
+}
+
+static int session_acquire(struct fs_account *account, const char *mailbox,
+                           struct imap_session **out)
+{
+    return session_acquire_for(account, mailbox, 0, out);
 }
 
 /* Another client changed the selected mailbox while we ran a command.
@@ -1982,15 +1994,22 @@ int fs_account_hides_deleted(const struct fs_account *account)
 static int writable_session(struct fs_account *account, const char *mailbox,
                             struct imap_session **out)
 {
-    int ret = session_acquire(account, mailbox, out);
-    if (ret < 0)
-        return ret;
-    ret = imap_select(*out, mailbox, 0, NULL);
-    if (ret < 0) {
+    for (unsigned attempt = 0;; attempt++) {
+        int ret = session_acquire_for(account, mailbox, 1, out);
+        if (ret < 0)
+            return ret;
+        ret = imap_select(*out, mailbox, 0, NULL);
+        if (ret == 0)
+            return 0;
+        /* SELECT changes nothing: when the pooled connection turns out to
+         * be broken (a server restart, a NAT box), ask on another one
+         * rather than fail the change that has not been sent yet. */
+        int broke = imap_session_broken(*out);
         session_release(account, *out);
         *out = NULL;
+        if (!(broke && attempt < account->max_connections))
+            return ret;
     }
-    return ret;
 }
 
 /* Snapshot of one message and its folder, taken under the cache lock. */

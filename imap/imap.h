@@ -111,6 +111,8 @@ int imap_select_fresh(struct imap_session *session, const char *mailbox, int rea
                       struct imap_mailbox_state *state);
 /* The selected mailbox's name, or NULL. */
 const char *imap_session_selected(const struct imap_session *session);
+/* 1 when the selected mailbox was opened read-only (EXAMINE). */
+int imap_session_selected_readonly(const struct imap_session *session);
 
 /* --- FETCH --- */
 

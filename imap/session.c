@@ -829,6 +829,11 @@ const char *imap_session_selected(const struct imap_session *session)
     return session->selected;
 }
 
+int imap_session_selected_readonly(const struct imap_session *session)
+{
+    return session->selected_readonly;
+}
+
 
 /* ---------------------------------------------------------------- LIST */
 

@@ -108,6 +108,8 @@ PREP = {
     "fault-move-request/dst": ([], ""),
     "fault-move-answer/src": (["fma1", "fma2", "fma3"], "\\Seen"),
     "fault-move-answer/dst": ([], ""),
+    "fault-move-select/src": (["fms1", "fms2", "fms3"], "\\Seen"),
+    "fault-move-select/dst": ([], ""),
 }
 
 
@@ -1102,4 +1104,50 @@ def test_connection_cut_in_the_middle_of_a_move(where, faulty, proxy, server, ch
     assert m.proc.poll() is None, "imapfs died"
     assert eventually_ls(msrc) == (names(1, 2, 3) if in_src else names(1, 3))
     assert eventually_ls(mdst) == names(*in_dst)
+    m.unmount()
+
+
+def test_connection_broken_before_a_move_is_not_an_error(mounter, server, proxy, checker):
+    """mv src/2.eml dst/ when every pooled connection breaks at its first
+    command (a server restart, a NAT box): the move's SELECT changes nothing,
+    so it is asked again on a new connection and mv succeeds; the message is
+    live in dst only."""
+    # No poll during the test: the cut must fall on the move, not on the
+    # watcher's listing.
+    m = mounter(url=mounter.url(port=proxy.port, server=server),
+                options=mounter.default_options(server) + [f"timeout={FAULT_TIMEOUT}",
+                                                           "connections=2", "poll_interval=3600"],
+                extra_args=["-d"])
+    src, dst = "fault-move-select/src", "fault-move-select/dst"
+    msrc, mdst = os.path.join(m.mountpoint, src), os.path.join(m.mountpoint, dst)
+    body = checker.body(src, 2)
+    # Listing leaves the pooled connections with the folders EXAMINEd only,
+    # so the move starts with SELECT.
+    assert ls(msrc) == names(1, 2, 3) and ls(mdst) == []
+    # The watcher's first poll may be running (it starts with the mount):
+    # wait until the log has been quiet for half a second.
+    offset, quiet_since = len(m.log()), time.monotonic()
+    while time.monotonic() - quiet_since < 0.5:
+        time.sleep(0.1)
+        if len(m.log()) != offset:
+            offset, quiet_since = len(m.log()), time.monotonic()
+    proxy.cut_after(c2s=8, scope="existing")
+    t = time.monotonic()
+    r = run(["mv", os.path.join(msrc, "2.eml"), mdst + "/"])
+    elapsed = time.monotonic() - t
+    proxy.clear_cuts()
+    log = m.log()[offset:]
+    assert proxy.cuts >= 1, "the cut never happened"
+    # The watcher's connection may be cut too; the move's SELECT must have
+    # had no answer before its connection was lost.
+    after_select = log.partition('SELECT "fault-move-select/src"')[2].splitlines()
+    answer = next((line for line in after_select if " lost: " in line or "S: " in line), "")
+    assert " lost: " in answer, f"the cut did not fall on the move's SELECT; log:\n{log[-5000:]}"
+    assert r.returncode == 0, f"mv failed after a connection broke before the move: {r.stdout}"
+    assert elapsed < FAULT_LIMIT
+    moved = [uid for uid, meta in live(checker, dst).items() if checker.body(dst, uid) == body]
+    assert 2 not in live(checker, src) and len(moved) == 1, \
+        f"after mv: in src {2 in live(checker, src)}, in dst {moved}"
+    assert eventually_ls(msrc) == names(1, 3)
+    assert eventually_ls(mdst) == names(*moved)
     m.unmount()
