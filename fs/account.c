@@ -29,9 +29,9 @@
 
 #include <openssl/crypto.h>
 
-#define BATCH_MESSAGES 64
-#define READAHEAD_MESSAGES 96     /* how far ahead of a scanning reader */
-#define BATCH_BYTES (4u << 20)
+#define BATCH_MESSAGES 128
+#define READAHEAD_MESSAGES 256    /* how far ahead of a scanning reader */
+#define BATCH_BYTES (8u << 20)
 
 struct readahead_request {
     uint32_t folder_id, from_uid;
@@ -1582,6 +1582,45 @@ struct body_batch {
 /* Each body goes into the cache the moment its literal is complete, and its
  * in-flight mark is cleared at once: a reader waiting for one message of a
  * batch does not wait for the rest of the batch. */
+/* The size the listing gave a message (what the kernel was told), or 0. */
+static uint64_t listed_size(struct fs_account *account, uint32_t folder_id, uint32_t uid)
+{
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    struct cache_message *message = folder ? cache_folder_find(folder, uid) : NULL;
+    uint64_t size = message ? message->size : 0;
+    cache_unlock(account->cache);
+    return size;
+}
+
+/* A body fetched ahead of its reader goes into the body cache and, when
+ * not larger than a batch, into the kernel's page cache as well: the
+ * reader's open then finds its pages there and reads without a READ
+ * round trip (the size matches what the kernel was told: callers check). */
+static void push_to_kernel(struct fs_account *account, const struct body_batch *batch,
+                           uint32_t uid, char *data, size_t len)
+{
+    if (len > BATCH_BYTES) {
+        cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity, uid, data, len);
+        return;
+    }
+    struct cache_body *body = cache_body_insert(account->bodies, batch->folder_id,
+                                                batch->uidvalidity, uid, data, len);
+    if (body)
+        fs_notify_store(account->notifier, account, batch->folder_id, batch->uidvalidity, uid,
+                        body);
+}
+
+int fs_account_uidvalidity_current(struct fs_account *account, uint32_t folder_id,
+                                   uint32_t uidvalidity)
+{
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    int current = folder && folder->uidvalidity == uidvalidity;
+    cache_unlock(account->cache);
+    return current;
+}
+
 static int store_body(void *context, uint32_t uid, char *body, size_t len)
 {
     struct body_batch *batch = context;
@@ -1607,6 +1646,8 @@ static int store_body(void *context, uint32_t uid, char *body, size_t len)
                                           uid, body, len);
         if (!batch->wanted)
             return -ENOMEM;
+    } else if (!resized) {
+        push_to_kernel(account, batch, uid, body, len);
     } else {
         cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity, uid, body, len);
     }
@@ -1703,6 +1744,8 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
                 if (uids[i] == batch->wanted_uid && !batch->wanted)
                     batch->wanted = cache_body_insert(account->bodies, batch->folder_id,
                                                       batch->uidvalidity, uids[i], data, len);
+                else if (listed_size(account, batch->folder_id, uids[i]) == len)
+                    push_to_kernel(account, batch, uids[i], data, len);
                 else
                     cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity,
                                      uids[i], data, len);

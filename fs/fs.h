@@ -111,6 +111,9 @@ int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid
                     struct cache_body **out);
 void fs_account_body_release(struct fs_account *account, struct cache_body *body);
 struct fs_notifier *fs_account_notifier(struct fs_account *account);
+/* Nonzero while folder_id still has this UIDVALIDITY. */
+int fs_account_uidvalidity_current(struct fs_account *account, uint32_t folder_id,
+                                   uint32_t uidvalidity);
 /* Closes pooled connections unused for max_idle seconds (the watcher calls
  * it), before a NAT box drops them silently. */
 void fs_account_prune_idle(struct fs_account *account, double max_idle);
@@ -176,6 +179,12 @@ int fs_notifier_start(struct fs_notifier *notifier, struct fuse_session *session
 void fs_notifier_free(struct fs_notifier *notifier);   /* stops the thread */
 void fs_notify_entry(struct fs_notifier *notifier, fuse_ino_t parent, const char *name);
 void fs_notify_inode(struct fs_notifier *notifier, fuse_ino_t ino);
+/* Puts a message's body (referenced; released once sent) into the kernel's
+ * page cache, so a reader that opens it reads without a READ round trip.
+ * Sent only if the folder still has that UIDVALIDITY: a reset queues its
+ * invalidations after it, so stale pages never outlive it. */
+void fs_notify_store(struct fs_notifier *notifier, struct fs_account *account, uint32_t folder_id,
+                     uint32_t uidvalidity, uint32_t uid, struct cache_body *body);
 
 /* ---------------------------------------------------------------- watcher */
 

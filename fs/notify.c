@@ -8,7 +8,14 @@
  * waits for the cache.  So handlers and the sync code only queue
  * invalidations here, and this thread sends them, in order, with no lock of
  * ours held.  A queued invalidation that reaches the kernel after the request
- * that caused it has finished is exactly what we want. */
+ * that caused it has finished is exactly what we want.
+ *
+ * The same thread puts bodies fetched ahead of a scanning reader into the
+ * kernel's page cache (fuse_lowlevel_notify_store), so the reader's open
+ * finds the pages and no READ round trip is needed.  Sharing the one queue
+ * orders a store before the invalidations of a UIDVALIDITY reset queued
+ * after it; a store queued before a reset but reaching this thread after it
+ * is dropped by the UIDVALIDITY check. */
 #include "fs/fs.h"
 #include "imap/log.h"
 
@@ -16,12 +23,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum notice_kind { NOTICE_ENTRY, NOTICE_INODE, NOTICE_STOP };
+enum notice_kind { NOTICE_ENTRY, NOTICE_INODE, NOTICE_STORE, NOTICE_STOP };
 
 struct notice {
     enum notice_kind kind;
     fuse_ino_t parent;      /* NOTICE_ENTRY: the directory */
-    fuse_ino_t ino;         /* NOTICE_INODE */
+    fuse_ino_t ino;         /* NOTICE_INODE, NOTICE_STORE */
+    struct fs_account *account;     /* NOTICE_STORE: body is referenced from here */
+    struct cache_body *body;
+    uint32_t folder_id, uidvalidity;
     struct notice *next;
     char name[];            /* NOTICE_ENTRY: the name in parent */
 };
@@ -34,6 +44,14 @@ struct fs_notifier {
     pthread_cond_t wake;
     struct notice *head, *tail;     /* protected by lock */
 };
+
+/* Frees a notice, giving back the body a store notice holds. */
+static void notice_free(struct notice *notice)
+{
+    if (notice->kind == NOTICE_STORE)
+        fs_account_body_release(notice->account, notice->body);
+    free(notice);
+}
 
 static void *notifier_main(void *arg)
 {
@@ -54,15 +72,24 @@ static void *notifier_main(void *arg)
             free(notice);
             return NULL;
         }
-        if (notice->kind == NOTICE_ENTRY)
+        if (notice->kind == NOTICE_ENTRY) {
             ret = fuse_lowlevel_notify_inval_entry(notifier->session, notice->parent,
                                                    notice->name, strlen(notice->name));
-        else
+        } else if (notice->kind == NOTICE_STORE) {
+            struct fuse_bufvec data = FUSE_BUFVEC_INIT(notice->body->len);
+            data.buf[0].mem = notice->body->data;
+            if (fs_account_uidvalidity_current(notice->account, notice->folder_id,
+                                               notice->uidvalidity))
+                ret = fuse_lowlevel_notify_store(notifier->session, notice->ino, 0, &data, 0);
+        } else {
             ret = fuse_lowlevel_notify_inval_inode(notifier->session, notice->ino, 0, 0);
+        }
         /* ENOENT: the kernel did not know it; nothing to invalidate. */
         if (ret < 0 && ret != -ENOENT)
-            log_debug("kernel invalidation failed: %s", strerror(-ret));
-        free(notice);
+            log_debug("kernel %s failed: %s",
+                      notice->kind == NOTICE_STORE ? "page cache store" : "invalidation",
+                      strerror(-ret));
+        notice_free(notice);
     }
 }
 
@@ -82,7 +109,7 @@ static void enqueue(struct fs_notifier *notifier, struct notice *notice)
     if (!notifier->running && notice->kind != NOTICE_STOP) {
         /* not mounted yet or already stopping: the kernel has nothing cached */
         pthread_mutex_unlock(&notifier->lock);
-        free(notice);
+        notice_free(notice);
         return;
     }
     if (notifier->tail)
@@ -119,7 +146,7 @@ void fs_notifier_free(struct fs_notifier *notifier)
     }
     while (notifier->head) {
         struct notice *next = notifier->head->next;
-        free(notifier->head);
+        notice_free(notifier->head);
         notifier->head = next;
     }
     pthread_mutex_destroy(&notifier->lock);
@@ -148,5 +175,23 @@ void fs_notify_inode(struct fs_notifier *notifier, fuse_ino_t ino)
         return;
     notice->kind = NOTICE_INODE;
     notice->ino = ino;
+    enqueue(notifier, notice);
+}
+
+void fs_notify_store(struct fs_notifier *notifier, struct fs_account *account, uint32_t folder_id,
+                     uint32_t uidvalidity, uint32_t uid, struct cache_body *body)
+{
+    struct notice *notice = calloc(1, sizeof(*notice));
+
+    if (!notice) {
+        fs_account_body_release(account, body);
+        return;
+    }
+    notice->kind = NOTICE_STORE;
+    notice->ino = fs_ino_message(folder_id, uid);
+    notice->folder_id = folder_id;
+    notice->uidvalidity = uidvalidity;
+    notice->account = account;
+    notice->body = body;
     enqueue(notifier, notice);
 }

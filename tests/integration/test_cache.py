@@ -447,3 +447,47 @@ def test_offline_mount_from_cache_then_live_again(mounter, own_server, tmp_path)
     assert write_after < 12, f"writes failed for {write_after:.1f}s after the server came back"
     unmount_timed(m2)
     check_modes(cache_dir)
+
+
+# --------------------------------------------------------------------------
+# the kernel's page cache
+
+
+FUSE_READ = re.compile(r"opcode: READ \(")          # libfuse's -d line for each READ request
+SCAN_MESSAGES = 300
+
+
+def test_scanned_messages_are_read_from_pages_the_daemon_stored(mounter, own_server, tmp_path):
+    """A reader going through a folder in UID order (grep -r): read-ahead puts
+    each body it fetches into the kernel's page cache, so the reader's reads
+    of those messages never reach the daemon (no FUSE READ); the bytes are the
+    server's.  The same after a remount, for bodies loaded from the disk
+    cache.  Without the store every message costs one READ."""
+    srv = own_server
+    with srv.checker() as c:
+        c._ok(*c.imap.create("scan"), "CREATE")
+        for i in range(SCAN_MESSAGES):
+            typ, resp = c.imap.append("scan", "(\\Seen)", None, message(f"scan{i}", 2000 + 37 * i))
+            assert typ == "OK", resp
+        expected = c.bodies("scan")
+    assert len(expected) == SCAN_MESSAGES
+    cache_dir = str(tmp_path / "cache")
+    for round_ in ("fetched from the server", "loaded from the disk cache"):
+        m = mount_with(mounter, srv, "mnt-" + round_.split()[-1], cache_dir=cache_dir, debug=True)
+        folder = os.path.join(m.mountpoint, "scan")
+        names = sorted(os.listdir(folder), key=lambda n: int(n.split(".")[0]))
+        offset = len(m.log())
+        wrong = [n for n in names if read_bytes(os.path.join(folder, n))
+                 != expected[int(n.split(".")[0])]]
+        log = m.log()[offset:]
+        reads = len(FUSE_READ.findall(log))
+        fetched = body_fetches(log)
+        print(f"{round_}: {reads} FUSE READs for {len(names)} messages; body fetches {fetched}")
+        assert len(names) == SCAN_MESSAGES and not wrong, f"{round_}: wrong bytes in {wrong[:5]}"
+        # the first message and the first of each batch may be read before
+        # their pages arrive; the rest must come from the stored pages
+        assert reads <= SCAN_MESSAGES // 10, \
+            f"{round_}: {reads} FUSE READs for {SCAN_MESSAGES} messages read in UID order"
+        if round_ == "loaded from the disk cache":
+            assert not fetched, f"bodies fetched again although on disk: {fetched}"
+        unmount_timed(m)
