@@ -1579,9 +1579,6 @@ struct body_batch {
     struct cache_body *wanted;      /* referenced once it arrives */
 };
 
-/* Each body goes into the cache the moment its literal is complete, and its
- * in-flight mark is cleared at once: a reader waiting for one message of a
- * batch does not wait for the rest of the batch. */
 /* The size the listing gave a message (what the kernel was told), or 0. */
 static uint64_t listed_size(struct fs_account *account, uint32_t folder_id, uint32_t uid)
 {
@@ -1621,6 +1618,9 @@ int fs_account_uidvalidity_current(struct fs_account *account, uint32_t folder_i
     return current;
 }
 
+/* Each body goes into the cache the moment its literal is complete, and its
+ * in-flight mark is cleared at once: a reader waiting for one message of a
+ * batch does not wait for the rest of the batch. */
 static int store_body(void *context, uint32_t uid, char *body, size_t len)
 {
     struct body_batch *batch = context;

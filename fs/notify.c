@@ -76,11 +76,12 @@ static void *notifier_main(void *arg)
             ret = fuse_lowlevel_notify_inval_entry(notifier->session, notice->parent,
                                                    notice->name, strlen(notice->name));
         } else if (notice->kind == NOTICE_STORE) {
-            struct fuse_bufvec data = FUSE_BUFVEC_INIT(notice->body->len);
-            data.buf[0].mem = notice->body->data;
             if (fs_account_uidvalidity_current(notice->account, notice->folder_id,
-                                               notice->uidvalidity))
+                                               notice->uidvalidity)) {
+                struct fuse_bufvec data = FUSE_BUFVEC_INIT(notice->body->len);
+                data.buf[0].mem = notice->body->data;
                 ret = fuse_lowlevel_notify_store(notifier->session, notice->ino, 0, &data, 0);
+            }
         } else {
             ret = fuse_lowlevel_notify_inval_inode(notifier->session, notice->ino, 0, 0);
         }

@@ -1054,6 +1054,18 @@ def test_connection_cut_in_the_middle_of_an_append(faulty, proxy, server, checke
     m.unmount()
 
 
+def mv_under_cut(m, proxy, cut, path, target_dir, offset):
+    """mv path target_dir/ with the proxy's cut armed (cut: cut_after's
+    arguments); (mv's result, seconds, the mount's log from offset on)."""
+    proxy.cut_after(**cut)
+    t = time.monotonic()
+    r = run(["mv", path, target_dir + "/"])
+    elapsed = time.monotonic() - t
+    proxy.clear_cuts()
+    assert proxy.cuts >= 1, "the cut never happened"
+    return r, elapsed, m.log()[offset:]
+
+
 @pytest.mark.parametrize("where", ["request", "answer"])
 def test_connection_cut_in_the_middle_of_a_move(where, faulty, proxy, server, checker):
     """mv src/2.eml dst/ while the connection is cut: in the command itself
@@ -1079,15 +1091,10 @@ def test_connection_cut_in_the_middle_of_a_move(where, faulty, proxy, server, ch
     # UIDNEXT (two commands), then sends UID COPY: cut at that third one.
     commands_before = 2 if server.variant == "imap4rev1" else 0
     if where == "request":
-        proxy.cut_after(c2s=8, scope="existing", skip_records=commands_before)
+        cut = dict(c2s=8, scope="existing", skip_records=commands_before)
     else:
-        proxy.cut_after(s2c=1, scope="existing", skip_records=commands_before)
-    t = time.monotonic()
-    r = run(["mv", os.path.join(msrc, "2.eml"), mdst + "/"])
-    elapsed = time.monotonic() - t
-    proxy.clear_cuts()
-    log = m.log()[offset:]
-    assert proxy.cuts >= 1, "the cut never happened"
+        cut = dict(s2c=1, scope="existing", skip_records=commands_before)
+    r, elapsed, log = mv_under_cut(m, proxy, cut, os.path.join(msrc, "2.eml"), mdst, offset)
     assert re.search(r"C: \S+ UID (MOVE|COPY) 2 ", log), \
         f"the move's command was not sent after the cut was armed; log:\n{log[-5000:]}"
     assert elapsed < FAULT_LIMIT
@@ -1131,13 +1138,8 @@ def test_connection_broken_before_a_move_is_not_an_error(mounter, server, proxy,
         time.sleep(0.1)
         if len(m.log()) != offset:
             offset, quiet_since = len(m.log()), time.monotonic()
-    proxy.cut_after(c2s=8, scope="existing")
-    t = time.monotonic()
-    r = run(["mv", os.path.join(msrc, "2.eml"), mdst + "/"])
-    elapsed = time.monotonic() - t
-    proxy.clear_cuts()
-    log = m.log()[offset:]
-    assert proxy.cuts >= 1, "the cut never happened"
+    r, elapsed, log = mv_under_cut(m, proxy, dict(c2s=8, scope="existing"),
+                                   os.path.join(msrc, "2.eml"), mdst, offset)
     # The watcher's connection may be cut too; the move's SELECT must have
     # had no answer before its connection was lost.
     after_select = log.partition('SELECT "fault-move-select/src"')[2].splitlines()
