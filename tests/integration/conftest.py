@@ -194,7 +194,6 @@ class Mount:
 # fixtures
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "optional: checks a nice-to-have; may skip when unobservable")
     # imapfs keeps a persistent cache under $XDG_CACHE_HOME by default: give
     # every mount of this run a throwaway one, never the user's ~/.cache.
     if "IMAPFS_TEST_KEEP_XDG_CACHE" not in os.environ:
