@@ -148,13 +148,6 @@ static void unsolicited(void *context, struct imap_session *session,
 static void *readahead_main(void *arg);
 static char *folder_mailbox(struct fs_account *account, uint32_t folder_id);
 
-static double now_monotonic(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 struct fs_account *fs_account_new(const struct fs_options *options,
                                   const struct imap_config *config,
                                   struct imap_session *first)
@@ -1579,21 +1572,13 @@ struct body_batch {
     struct cache_body *wanted;      /* referenced once it arrives */
 };
 
-/* The size the listing gave a message (what the kernel was told), or 0. */
-static uint64_t listed_size(struct fs_account *account, uint32_t folder_id, uint32_t uid)
-{
-    cache_lock(account->cache);
-    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
-    struct cache_message *message = folder ? cache_folder_find(folder, uid) : NULL;
-    uint64_t size = message ? message->size : 0;
-    cache_unlock(account->cache);
-    return size;
-}
-
 /* A body fetched ahead of its reader goes into the body cache and, when
  * not larger than a batch, into the kernel's page cache as well: the
  * reader's open then finds its pages there and reads without a READ
- * round trip (the size matches what the kernel was told: callers check). */
+ * round trip.  A body whose size differs from the listing's is pushed too:
+ * its open bypasses the page cache (direct_io), and a size corrected from
+ * the server was invalidated in the kernel before this store, in the same
+ * queue. */
 static void push_to_kernel(struct fs_account *account, const struct body_batch *batch,
                            uint32_t uid, char *data, size_t len)
 {
@@ -1646,10 +1631,8 @@ static int store_body(void *context, uint32_t uid, char *body, size_t len)
                                           uid, body, len);
         if (!batch->wanted)
             return -ENOMEM;
-    } else if (!resized) {
-        push_to_kernel(account, batch, uid, body, len);
     } else {
-        cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity, uid, body, len);
+        push_to_kernel(account, batch, uid, body, len);
     }
     disk_save_later(account, batch->mailbox, batch->folder_id, batch->uidvalidity, uid);
     pthread_mutex_lock(&account->inflight_lock);
@@ -1744,11 +1727,8 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
                 if (uids[i] == batch->wanted_uid && !batch->wanted)
                     batch->wanted = cache_body_insert(account->bodies, batch->folder_id,
                                                       batch->uidvalidity, uids[i], data, len);
-                else if (listed_size(account, batch->folder_id, uids[i]) == len)
-                    push_to_kernel(account, batch, uids[i], data, len);
                 else
-                    cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity,
-                                     uids[i], data, len);
+                    push_to_kernel(account, batch, uids[i], data, len);
                 pthread_mutex_lock(&account->inflight_lock);
                 inflight_clear(account, batch->folder_id, uids[i]);
                 pthread_mutex_unlock(&account->inflight_lock);
@@ -2033,26 +2013,41 @@ int fs_account_hides_deleted(const struct fs_account *account)
     return account->hide_deleted;
 }
 
-/* Takes a session and selects mailbox read-write. */
+/* Runs work(session, context) on a pooled session with mailbox selected
+ * (EXAMINEd when readonly).  A connection dropped while idle shows only when
+ * used, and an outage takes every pooled one at once: when the session turns
+ * out broken, the selection and the work (which must be idempotent) are asked
+ * again on another, at most max_connections times.  With out, the session is
+ * handed to the caller on success instead of released. */
+typedef int session_work_fn(struct imap_session *session, void *context);
+
+static int on_selected_session(struct fs_account *account, const char *mailbox, int readonly,
+                               session_work_fn *work, void *context, struct imap_session **out)
+{
+    for (unsigned attempt = 0;; attempt++) {
+        struct imap_session *session;
+        int ret = session_acquire_for(account, mailbox, !readonly, &session);
+        if (ret < 0)
+            return ret;
+        ret = imap_select(session, mailbox, readonly, NULL);
+        if (ret == 0 && work)
+            ret = work(session, context);
+        if (ret == 0 && out) {
+            *out = session;
+            return 0;
+        }
+        int broke = imap_session_broken(session);
+        session_release(account, session);
+        if (ret == 0 || !broke || attempt >= account->max_connections)
+            return ret;
+    }
+}
+
 static int writable_session(struct fs_account *account, const char *mailbox,
                             struct imap_session **out)
 {
-    for (unsigned attempt = 0;; attempt++) {
-        int ret = session_acquire_for(account, mailbox, 1, out);
-        if (ret < 0)
-            return ret;
-        ret = imap_select(*out, mailbox, 0, NULL);
-        if (ret == 0)
-            return 0;
-        /* SELECT changes nothing: when the pooled connection turns out to
-         * be broken (a server restart, a NAT box), ask on another one
-         * rather than fail the change that has not been sent yet. */
-        int broke = imap_session_broken(*out);
-        session_release(account, *out);
-        *out = NULL;
-        if (!(broke && attempt < account->max_connections))
-            return ret;
-    }
+    *out = NULL;
+    return on_selected_session(account, mailbox, 0, NULL, NULL, out);
 }
 
 /* Snapshot of one message and its folder, taken under the cache lock. */
@@ -2093,30 +2088,29 @@ static char *folder_mailbox(struct fs_account *account, uint32_t folder_id)
     return mailbox;
 }
 
+struct exists_probe {
+    uint32_t uid;
+    struct table_builder table;
+};
+
+static int probe_exists(struct imap_session *session, void *context)
+{
+    struct exists_probe *probe = context;
+    free_table(&probe->table); /* from an attempt on a connection that broke */
+    memset(&probe->table, 0, sizeof(probe->table));
+    return imap_fetch_meta(session, probe->uid, probe->uid, collect_meta, &probe->table);
+}
+
 /* Does uid still exist in mailbox?  1, 0, or a negative errno.  Asked after
  * a lost answer, when the other pooled connections may have broken in the
- * same outage: a broken one is dropped and the question asked again, at
- * worst on a new connection. */
+ * same outage (on_selected_session asks again). */
 static int uid_exists(struct fs_account *account, const char *mailbox, uint32_t uid)
 {
-    for (unsigned attempt = 0;; attempt++) {
-        struct imap_session *session;
-        struct table_builder table = { 0 };
-        int ret = session_acquire(account, mailbox, &session);
-
-        if (ret < 0)
-            return ret;
-        ret = imap_select(session, mailbox, 1, NULL);
-        if (ret == 0)
-            ret = imap_fetch_meta(session, uid, uid, collect_meta, &table);
-        int broke = imap_session_broken(session);
-        session_release(account, session);
-        int found = table.count > 0;
-        free_table(&table);
-        if (ret < 0 && broke && attempt < account->max_connections)
-            continue;
-        return ret < 0 ? ret : found;
-    }
+    struct exists_probe probe = { .uid = uid };
+    int ret = on_selected_session(account, mailbox, 1, probe_exists, &probe, NULL);
+    int found = probe.table.count > 0;
+    free_table(&probe.table);
+    return ret < 0 ? ret : found;
 }
 
 static void forget_message(struct fs_account *account, uint32_t folder_id, uint32_t uid)
@@ -2175,6 +2169,7 @@ static int expunge_uid_retrying(struct fs_account *account, const char *mailbox,
  * first_uid: how we learn the UID of an APPEND without APPENDUID, and whether
  * an APPEND whose answer was lost was stored.  *uid = 0 if none. */
 struct find_context {
+    uint32_t first_uid;
     const char *data;
     size_t len;
     uint32_t found;
@@ -2189,53 +2184,41 @@ static int match_body(void *context, uint32_t uid, char *body, size_t len)
     return 0;
 }
 
-static int find_appended_once(struct fs_account *account, const char *mailbox,
-                              uint32_t first_uid, const char *data, size_t len, uint32_t *uid,
-                              int *broke)
+/* Fetches the bodies of the UIDs from first_uid on that have the right
+ * size, in batches, until one equals the data. */
+static int search_appended(struct imap_session *session, void *context)
 {
-    struct imap_session *session;
+    struct find_context *find = context;
     struct table_builder table = { 0 };
-    struct find_context find = { data, len, 0 };
     uint32_t candidates[BATCH_MESSAGES];
     size_t count = 0;
-    int ret = session_acquire(account, mailbox, &session);
 
-    *uid = 0;
-    if (ret < 0)
-        return ret;
-    ret = imap_select(session, mailbox, 1, NULL);
-    if (ret == 0)
-        ret = imap_fetch_meta(session, first_uid, 0, collect_meta, &table);
+    find->found = 0;
+    int ret = imap_fetch_meta(session, find->first_uid, 0, collect_meta, &table);
     for (size_t i = 0; ret == 0 && i < table.count; i++) {
-        if (table.messages[i].size == len)
+        if (table.messages[i].size == find->len)
             candidates[count++] = table.messages[i].uid;
         if (count == BATCH_MESSAGES || (i + 1 == table.count && count)) {
-            ret = imap_fetch_bodies(session, candidates, count, match_body, &find);
+            ret = imap_fetch_bodies(session, candidates, count, match_body, find);
             count = 0;
-            if (find.found)
+            if (find->found)
                 break;
         }
     }
-    *broke = imap_session_broken(session);
-    session_release(account, session);
     free_table(&table);
-    *uid = find.found;
     return ret;
 }
 
 /* Looks for the message data among mailbox's UIDs from first_uid on (after
- * a lost APPEND or COPY answer); retried like uid_exists when the pooled
+ * a lost APPEND or COPY answer); asked again like uid_exists when the pooled
  * connection it got broke too. */
 static int find_appended(struct fs_account *account, const char *mailbox, uint32_t first_uid,
                          const char *data, size_t len, uint32_t *uid)
 {
-    for (unsigned attempt = 0;; attempt++) {
-        int broke = 0;
-        int ret = find_appended_once(account, mailbox, first_uid, data, len, uid, &broke);
-        if (ret < 0 && broke && attempt < account->max_connections)
-            continue;
-        return ret;
-    }
+    struct find_context find = { first_uid, data, len, 0 };
+    int ret = on_selected_session(account, mailbox, 1, search_appended, &find, NULL);
+    *uid = find.found;
+    return ret;
 }
 
 /* MOVE by hand: COPY, then expunge the source only once the copy is known

@@ -8,6 +8,7 @@
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "cache/cache.h"
 #include "imap/imap.h"
@@ -276,5 +277,13 @@ void fs_write_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const c
                        size_t size, int flags);
 void fs_write_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name);
 void fs_write_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name);
+
+/* Seconds on the monotonic clock: timeouts and ages, immune to clock jumps. */
+static inline double now_monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
 #endif

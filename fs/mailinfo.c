@@ -38,13 +38,6 @@ struct fs_mailinfo {
     struct folder_fetch *fetched;   /* protected by lock */
 };
 
-static double now_monotonic(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 struct fs_mailinfo *fs_mailinfo_new(void)
 {
     struct fs_mailinfo *info = calloc(1, sizeof(*info));

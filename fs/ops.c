@@ -36,13 +36,6 @@ static uint32_t ino_uid(fuse_ino_t ino)
     return ino == FUSE_ROOT_ID ? 0 : (uint32_t)ino;
 }
 
-static double monotonic_now(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
-}
-
 /* Folders have no date of their own in IMAP; they show the mount's start. */
 static time_t mounted_at;
 
@@ -170,8 +163,8 @@ static void fs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     if (is_uid && timeout > 0) {
         cache_lock(cache);
         folder = cache_folder_by_id(cache, folder_id);
-        if (folder && folder->negative_until < monotonic_now() + timeout)
-            folder->negative_until = monotonic_now() + timeout;
+        if (folder && folder->negative_until < now_monotonic() + timeout)
+            folder->negative_until = now_monotonic() + timeout;
         cache_unlock(cache);
     }
     entry.ino = 0;
@@ -447,7 +440,7 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     uint64_t listed_size = message ? message->size : 0;
     /* Right after a UIDVALIDITY change the kernel may still hold pages of the
      * message this name meant before: open without keep_cache drops them. */
-    int recently_reset = folder && folder->reset_at > 0 && monotonic_now() - folder->reset_at < 60;
+    int recently_reset = folder && folder->reset_at > 0 && now_monotonic() - folder->reset_at < 60;
     cache_unlock(cache);
     if (!message) {
         fuse_reply_err(req, ENOENT);

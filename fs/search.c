@@ -60,13 +60,6 @@ struct fs_searches {
     uint32_t next_id;               /* protected by lock */
 };
 
-static double now_monotonic(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 struct fs_searches *fs_searches_new(void)
 {
     struct fs_searches *searches = calloc(1, sizeof(*searches));

@@ -86,13 +86,6 @@ struct watched {
     struct imap_mailbox_state known;
 };
 
-static double now_monotonic(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static int stopping(struct fs_watcher *watcher)
 {
     pthread_mutex_lock(&watcher->lock);

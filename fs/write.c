@@ -73,13 +73,6 @@ static int refuse_offline(fuse_req_t req)
     return 1;
 }
 
-static double now_monotonic(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static uint32_t folder_of(fuse_ino_t ino)
 {
     return ino == FUSE_ROOT_ID ? CACHE_ROOT_ID : (uint32_t)(ino >> 32);
