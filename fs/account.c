@@ -735,16 +735,21 @@ static struct folder_place *folder_places(struct cache *cache, size_t *count)
 }
 
 /* Folders gone or moved lose their kernel entries; new ones clear any
- * negative entry for their name.  Caller holds the cache lock (queueing a
- * notice is fine under it; sending is the notifier thread's job). */
-static void notify_folder_changes(struct fs_account *account, const struct folder_place *before,
-                                  size_t before_count)
+ * negative entry for their name.  Returns how many changed.  Caller holds
+ * the cache lock (queueing a notice is fine under it; sending is the
+ * notifier thread's job). */
+static int notify_folder_changes(struct fs_account *account, const struct folder_place *before,
+                                 size_t before_count)
 {
+    int changes = 0;
+
     for (size_t i = 0; i < before_count; i++) {
         struct cache_folder *folder = cache_folder_by_id(account->cache, before[i].id);
         if (!folder || !folder->parent || folder->parent->id != before[i].parent_id ||
-            strcmp(folder->name, before[i].name) != 0)
+            strcmp(folder->name, before[i].name) != 0) {
             fs_notify_entry(account->notifier, fs_ino_folder(before[i].parent_id), before[i].name);
+            changes++;
+        }
     }
     for (struct cache_folder *folder = account->cache->by_id; folder; folder = folder->hh.next) {
         size_t i;
@@ -752,9 +757,12 @@ static void notify_folder_changes(struct fs_account *account, const struct folde
             continue;
         for (i = 0; i < before_count && before[i].id != folder->id; i++)
             ;
-        if (i == before_count)
+        if (i == before_count) {
             fs_notify_entry(account->notifier, fs_ino_folder(folder->parent->id), folder->name);
+            changes++;
+        }
     }
+    return changes;
 }
 
 /* The folder list on disk carries one extra record: the personal namespace
@@ -842,7 +850,8 @@ int fs_account_load_folders_offline(struct fs_account *account)
     return ret;
 }
 
-/* Makes the folder tree match a LIST result. */
+/* Makes the folder tree match a LIST result; returns how many folders
+ * came, went or moved. */
 static int apply_mailboxes(struct fs_account *account, const struct imap_mailbox *mailboxes,
                            size_t count)
 {
@@ -872,7 +881,7 @@ static int apply_mailboxes(struct fs_account *account, const struct imap_mailbox
     struct folder_place *before = folder_places(account->cache, &before_count);
     ret = cache_folders_sync(account->cache, entries, used, NULL, NULL);
     if (ret == 0)
-        notify_folder_changes(account, before, before_count);
+        ret = notify_folder_changes(account, before, before_count);
     for (size_t i = 0; i < before_count; i++)
         free(before[i].name);
     free(before);

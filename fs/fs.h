@@ -86,7 +86,8 @@ int fs_account_start(struct fs_account *account);
 struct cache *fs_account_cache(struct fs_account *account);
 double fs_account_dir_timeout(const struct fs_account *account);
 
-/* LIST and make the folder tree match. */
+/* LIST and make the folder tree match: how many folders came, went or
+ * moved, or -EIO. */
 int fs_account_load_folders(struct fs_account *account);
 /* The folder tree from the disk cache (an offline mount); -ENOENT if none. */
 int fs_account_load_folders_offline(struct fs_account *account);

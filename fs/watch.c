@@ -45,8 +45,8 @@
 #define LIST_EVERY 2
 #define SMALL_FOLDER 5000       /* messages: re-listed each poll without CONDSTORE */
 #define IDLE_RENEW_SECONDS 600.0
-#define GATHER_MS 100
-#define TICK_MS 2000            /* a look at what is in use (no traffic) at least this often */           /* after a push, wait this long for its companions */
+#define GATHER_MS 100           /* after a push, wait this long for its companions */
+#define TICK_MS 2000            /* a look at what is in use (no traffic) at least this often */
 
 enum push_mode { PUSH_NONE, PUSH_IDLE, PUSH_NOTIFY };
 
@@ -295,7 +295,9 @@ static int ensure_session(struct fs_watcher *watcher)
 }
 
 /* STATUS of each folder in the list (but skip); those that moved are listed
- * again.  Returns how many moved, or -EIO when the session broke. */
+ * again.  Returns how many moved (a small folder listed again only because
+ * the server cannot tell of flag changes does not count), or -EIO when the
+ * session broke. */
 static int poll_status(struct fs_watcher *watcher, const struct watched *folders, size_t count,
                        uint32_t skip)
 {
@@ -313,9 +315,10 @@ static int poll_status(struct fs_watcher *watcher, const struct watched *folders
          * dir_cache_timeout, or costs too much). */
         int flags_unseen = ret == 0 && !now.highestmodseq &&
                            folders[i].known.exists <= SMALL_FOLDER;
-        if (ret == 0 && !changed(&folders[i].known, &now) && !flags_unseen)
+        int differs = ret == 0 && changed(&folders[i].known, &now);
+        if (ret == 0 && !differs && !flags_unseen)
             continue;
-        if (ret == 0 && !flags_unseen && folders[i].known.uidnext != 0)
+        if (differs && folders[i].known.uidnext != 0)
             moved++;
         fs_account_load_folder(watcher->account, folders[i].id, FS_LOAD_WATCHER);
     }
@@ -393,12 +396,15 @@ static int tick_notify(struct fs_watcher *watcher, int poll_due, int list_due)
     free_watched(folders, count);
     if (moved < 0)
         return -EIO;
-    if (moved > 0 && poll_due == 2) {
-        log_debug("watcher: NOTIFY missed a change; asking again");
+    /* folders created, deleted or renamed that no push told of (one that
+     * came during the poll and waits in pushed does not count) */
+    int refolded = in_use && list_due ? fs_account_load_folders(watcher->account) : 0;
+    if (watcher->pushed.folders)
+        refolded = 0;
+    if (poll_due == 2 && (moved > 0 || refolded > 0)) {
+        log_info("NOTIFY missed a change the poll found; asking the server again");
         watcher->notifying = 0;
     }
-    if (in_use && list_due)
-        fs_account_load_folders(watcher->account);
     apply_pushed(watcher);      /* what came during the poll */
     if (keepalive(watcher) < 0 || wait_for_pushes(watcher) < 0)
         return -EIO;

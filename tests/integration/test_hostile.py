@@ -876,6 +876,43 @@ def test_refused_push_falls_back_to_the_poll(rig, push):
     m.finish()
 
 
+def test_silent_notify_is_asked_again_when_the_poll_finds_a_change(rig):
+    """A server that accepts NOTIFY and then never notifies (Dovecot 2.3 can
+    fall silent so): the poll still brings new mail and new folders, and each
+    change only the poll found makes the watcher ask for NOTIFY again.  Only
+    changes count: polls that find nothing new do not ask again."""
+    srv = rig.server(mailboxes=inbox(2), capabilities=("IMAP4rev1", "NOTIFY"))
+    m = rig.mounted(srv, options=["poll_interval=1"])
+
+    def notifies():
+        return srv.names().count("NOTIFY")
+
+    def wait(what, done, limit=10):
+        deadline = time.monotonic() + limit
+        while not done():
+            assert time.monotonic() < deadline, f"{what}: {srv.names()}\n{m.log()[-2000:]}"
+            m.check_alive(what)
+            time.sleep(0.2)
+
+    names, res = listing(m.path("INBOX"))       # INBOX in use: the poll covers it
+    assert names and set(names) == {b".", b"..", b"1.eml", b"2.eml"}, res
+    wait("the watcher never asked for NOTIFY", lambda: notifies() >= 1)
+    time.sleep(3.5)                             # three polls and a LIST, nothing new
+    assert notifies() == 1, f"NOTIFY asked again with nothing missed: {srv.names()}"
+
+    srv.mailbox(b"INBOX").messages.append(simple_message(3))
+    wait("new mail never showed", lambda: b"3.eml" in (listing(m.path("INBOX"))[0] or ()))
+    wait("NOTIFY not asked again after the STATUS poll found new mail", lambda: notifies() >= 2)
+
+    asked = notifies()
+    srv.mailboxes.append(Mailbox("Later", messages=[simple_message(1, folder="Later")]))
+    wait("a new folder never showed", lambda: b"Later" in (listing(m.mountpoint)[0] or ()))
+    wait("NOTIFY not asked again after the LIST poll found a folder",
+         lambda: notifies() > asked)
+    assert_reads_right(m, srv, uids=(1, 2, 3), what="read after the polls")
+    m.finish()
+
+
 def test_bye_mid_listing(rig):
     srv = rig.server(mailboxes=inbox(3))
     hostile = Switch()
