@@ -21,6 +21,7 @@
 #include "imap/text.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,6 +121,9 @@ struct fs_account {
     uint64_t downloaded;            /* bytes today; protected by budget_lock */
     long download_day;              /* protected by budget_lock */
     int budget_warned;              /* protected by budget_lock */
+
+    atomic_long stale_warned_at;    /* monotonic second of the last "serving what is
+                                       cached" warning: one a minute, not one a listing */
 
     pthread_mutex_t quota_lock;
     double quota_at;                /* when last asked; protected by quota_lock */
@@ -1342,8 +1346,13 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
     if (ret < 0 && ret != -ENOENT && ret != -ENOMEM)
         ret = -EIO; /* a protocol error or a refusal is an I/O error to the caller */
     if (ret < 0) {
-        log_warn("cannot list %s: %s%s", old.mailbox, strerror(-ret),
-                 old.listed ? "; serving what is cached" : "");
+        long second = (long)now_monotonic(), last = atomic_load(&account->stale_warned_at);
+        if (!old.listed || ret == -ENOENT)
+            log_warn("cannot list %s: %s", old.mailbox, strerror(-ret));
+        else if ((last == 0 || second - last >= 60) &&
+                 atomic_compare_exchange_strong(&account->stale_warned_at, &last, second))
+            log_warn("cannot list %s: %s; serving what is cached (said at most once a minute)",
+                     old.mailbox, strerror(-ret));
         free_table(&table);
         if (old.listed && ret != -ENOENT)
             ret = 0; /* offline: the last listing is better than an error */

@@ -393,6 +393,10 @@ def test_server_stopped(mount_on, own_server):
     assert os.getxattr(os.path.join(m.mountpoint, cached[0]), "user.imap.flags") == flags_before
     r = run(["cat"] + [os.path.join(m.mountpoint, p) for p in cached], limit=3 * (timeout + MARGIN))
     assert r.returncode == 0 and r.stdout == b"".join(expected[p] for p in cached)
+    time.sleep(1.2)     # stale again: each listing fails again, and the log says so once
+    assert listdir(inbox) == inbox_names and listdir(archive) == archive_names
+    said = m.log().count("serving what is cached")
+    assert said == 1, f"'serving what is cached' logged {said} times in one outage:\n{m.log()}"
 
     # once the outage is older than the timeout, uncached data fails at once
     while time.monotonic() - t_down <= timeout + 0.5:
