@@ -80,10 +80,7 @@ By hand: ``python3 tests/integration/cyrusserver.py run [--separator .]
 Standard library only; Python >= 3.9.
 """
 
-import datetime as _dt
-import email.utils
 import grp
-import json
 import os
 import hashlib
 import pwd
@@ -92,18 +89,15 @@ import select
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
-import tempfile
 import time
-import imaplib
 import secrets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imapserver  # noqa: E402
-from imapserver import (Checker, ServerError, die_with_parent, fixture_messages,  # noqa: E402
-                        free_port, imap_quote, load_manifest, mutf7_encode)
+from imapserver import (Checker, LocalServer, ServerError, _cmdline, _pid_alive,  # noqa: E402
+                        die_with_parent, imap_quote)
 
 HERE = imapserver.HERE
 REPO = imapserver.REPO
@@ -128,29 +122,6 @@ KNOWN_CAPABILITIES = (
     "X-QUOTA=X-NUM-FOLDERS IDLE APPENDLIMIT=4294967295").split()
 # never suppressed: without them the client could not work at all
 ESSENTIAL_CAPABILITIES = {"IMAP4REV1", "STARTTLS", "LOGINDISABLED", "AUTH=PLAIN", "AUTH=LOGIN", "SASL-IR"}
-
-
-def _pid_alive(pid):
-    """pid exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
-    except OSError:
-        return []
 
 
 class CyrusChecker(Checker):
@@ -278,10 +249,16 @@ def cyrus_version(root=None):
     return None
 
 
-class CyrusServer:
+class CyrusServer(LocalServer):
     """One throwaway Cyrus.  start() / stop(); attributes describe it."""
 
     kind = "cyrus"
+    NAME = "Cyrus"
+    LOG_NAME = "cyrus.log"
+    CONFIG_NAME = "imapd.conf"
+    TAIL_FILES = ("supervisor.out", "master.log", "cyrus.log")
+    DIR_PREFIX = "imapfs-test-cyrus."
+    SELECTABLE_PARENTS = True   # see quirks["intermediate_folders_selectable"]
 
     def __init__(self, directory=None, host="127.0.0.1", capabilities=None,
                  separator="/", prefix="", fixture_dir=FIXTURE_DIR, seed=True,
@@ -290,26 +267,13 @@ class CyrusServer:
             raise ValueError("Cyrus knows only '/' (unixhierarchysep: yes) and '.' as separator")
         if prefix not in ("", "INBOX" + separator):
             raise ValueError(f"Cyrus's prefix is '' (altnamespace: yes) or 'INBOX{separator}'")
-        self.dir = os.path.abspath(directory) if directory else None
-        self.host = host
-        self.capabilities = capabilities
-        self.separator = separator
-        self.prefix = prefix
-        self.fixture_dir = fixture_dir
-        self.do_seed = seed
-        self.tied_to_parent = tied_to_parent
+        super().__init__(directory, host, capabilities, separator, prefix, fixture_dir, seed,
+                         tied_to_parent)
         self.root = os.path.abspath(root) if root else cyrus_root()
-        self.user = USER
         self.admin = ADMIN
-        self.password = None
         self.admin_password = None
-        self.imaps_port = None
-        self.imap_port = None
-        self.pid = None             # the supervisor's (it starts and stops master)
-        self.proc = None
-        self.seeded = None
+        # self.pid is the supervisor's (it starts and stops master)
         self.version = cyrus_version(self.root)
-        self.start_seconds = None   # master up and answering (without seeding)
         self.quirks = {
             # Cyrus 3.x creates a missing parent as a real (selectable,
             # empty) mailbox: CREATE Work/Projects makes Work too
@@ -326,55 +290,18 @@ class CyrusServer:
             "logindisabled_after_login": True,
         }
 
-    # paths -----------------------------------------------------------
-    def path(self, *parts):
-        return os.path.join(self.dir, *parts)
-
-    @property
-    def cafile(self):
-        return self.path("ca.pem")
-
-    @property
-    def password_file(self):
-        return self.path("password")
-
-    @property
-    def log_path(self):
-        return self.path("cyrus.log")
-
-    @property
-    def config_path(self):
-        return self.path("imapd.conf")
-
     @property
     def cyrus_conf_path(self):
         return self.path("cyrus.conf")
 
     def env(self):
-        """The shell variables scripts/test-server prints."""
-        return {
-            "IMAP_HOST": self.host,
-            "IMAPS_PORT": str(self.imaps_port),
-            "IMAP_PORT": str(self.imap_port),
-            "IMAP_USER": self.user,
-            "IMAP_PASSWORD_FILE": self.password_file,
-            "IMAP_CAFILE": self.cafile,
-            "IMAP_PID": str(self.pid),
-            "IMAP_DIR": self.dir,
-            "IMAP_SERVER": "cyrus",
-        }
+        return dict(super().env(), IMAP_SERVER="cyrus")
 
     def checker(self):
         return CyrusChecker(self.host, self.imaps_port, self.user, self.password, self.cafile)
 
     def admin_checker(self):
         return CyrusChecker(self.host, self.imaps_port, self.admin, self.admin_password, self.cafile)
-
-    def server_name(self, folder):
-        """Fixture folder path ('Lists/notmuch') -> raw IMAP mailbox name."""
-        if folder == "INBOX":
-            return "INBOX"
-        return mutf7_encode(self.prefix + folder.replace("/", self.separator))
 
     def user_mailbox(self):
         """alice's INBOX as the admin names it."""
@@ -528,120 +455,40 @@ DAEMON {{
         return [p["master"], "-C", self.config_path, "-M", self.cyrus_conf_path,
                 "-p", self.path("run", "master.pid"), "-D", "-L", self.path("master.log")]
 
-    def _save_state(self):
-        state = dict(self.env(), config=self.config_path, separator=self.separator,
-                     prefix=self.prefix, capabilities=self.capabilities, kind=self.kind,
-                     root=self.root)
-        with open(self.path(STATE_FILE), "w") as f:
-            json.dump(state, f, indent=1)
+    def _state_extra(self):
+        return dict(kind=self.kind, root=self.root)
 
     @classmethod
-    def from_dir(cls, directory):
-        """Re-attach to a server started earlier."""
-        directory = os.path.abspath(directory)
-        with open(os.path.join(directory, STATE_FILE)) as f:
-            state = json.load(f)
-        srv = cls(directory, host=state["IMAP_HOST"], capabilities=state.get("capabilities"),
-                  separator=state.get("separator", "/"), prefix=state.get("prefix", ""),
-                  root=state.get("root"))
-        srv.imaps_port = int(state["IMAPS_PORT"])
-        srv.imap_port = int(state["IMAP_PORT"])
-        srv.pid = int(state["IMAP_PID"])
-        with open(srv.password_file) as f:
-            srv.password = f.read().strip()
-        with open(srv.path("admin-password")) as f:
-            srv.admin_password = f.read().strip()
-        seeded = os.path.join(directory, "seeded.json")
-        if os.path.exists(seeded):
-            with open(seeded, encoding="utf-8") as f:
-                srv.seeded = json.load(f)
-        return srv
+    def _init_kwargs(cls, state):
+        return dict(root=state.get("root"))
 
-    def running(self):
-        if self.pid is None or not _pid_alive(self.pid):
-            return False
-        cmd = _cmdline(self.pid)
-        return self.config_path.encode() in cmd or self.dir.encode() in cmd
+    def _attach(self, state):
+        with open(self.path("admin-password")) as f:
+            self.admin_password = f.read().strip()
 
     # -----------------------------------------------------------------
-    def start(self, timeout=30):
+    def _check_available(self):
         why = available(self.root)
         if why:
             raise ServerError(f"Cyrus IMAP is not available: {why}")
-        if self.dir is None:
-            self.dir = tempfile.mkdtemp(prefix="imapfs-test-cyrus.")
-        if os.path.exists(self.path(STATE_FILE)):
-            old = CyrusServer.from_dir(self.dir)
-            if old.running():
-                raise ServerError(f"a test server already runs from {self.dir} (pid {old.pid})")
-        started = time.monotonic()
-        last_error = None
-        for attempt in range(5):          # a port can be taken between probe and bind
-            self.imaps_port = free_port(self.host)
-            self.imap_port = free_port(self.host)
-            if self.imap_port == self.imaps_port:
-                continue
-            self._write_files()
-            for name in ("cyrus.log", "master.log"):
-                open(self.path(name), "ab").close()
-            log = open(self.path("supervisor.out"), "ab")
-            try:
-                self.proc = subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), "_supervise", self.dir],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True, env=cyrus_env(self.root),
-                    preexec_fn=die_with_parent if self.tied_to_parent else None)
-            finally:
-                log.close()
-            self.pid = self.proc.pid
-            self._save_state()
-            try:
-                self._wait_ready(timeout)
-                break
-            except ServerError as e:
-                last_error = e
-                self.stop()
-                if "already in use" not in str(e):
-                    raise
-        else:
-            raise last_error or ServerError("could not start Cyrus")
-        self.start_seconds = time.monotonic() - started
+
+    def _spawn(self):
+        for name in ("cyrus.log", "master.log"):
+            open(self.path(name), "ab").close()
+        log = open(self.path("supervisor.out"), "ab")
         try:
-            self._create_user()
-            if self.do_seed:
-                self.seed()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+            return subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "_supervise", self.dir],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, env=cyrus_env(self.root),
+                preexec_fn=die_with_parent if self.tied_to_parent else None)
+        finally:
+            log.close()
 
-    def _tail(self, n=20):
-        text = ""
-        for name in ("supervisor.out", "master.log", "cyrus.log"):
-            try:
-                with open(self.path(name), errors="replace") as f:
-                    lines = f.readlines()[-n:]
-                if lines:
-                    text += f"--- {name}\n" + "".join(lines)
-            except OSError:
-                pass
-        return text
+    def _probe(self):
+        return self.admin_checker()     # the admin logs in: SASL works
 
-    def _wait_ready(self, timeout):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"Cyrus exited with status {self.proc.returncode}:\n{self._tail()}")
-            try:
-                self.admin_checker().close()     # TLS handshake + LOGIN: SASL works
-                return
-            except (OSError, imaplib.IMAP4.error, ssl.SSLError) as e:
-                last = e
-                time.sleep(0.1)
-        raise ServerError(f"Cyrus did not answer within {timeout}s ({last}):\n{self._tail()}")
-
-    def _create_user(self):
+    def _after_start(self):
         """The admin creates alice's INBOX (Cyrus has no autocreate here)."""
         with self.admin_checker() as admin:
             typ, data = admin.imap.create(imap_quote(self.user_mailbox()))
@@ -650,99 +497,10 @@ DAEMON {{
 
     def stop(self, timeout=20):
         """Stop the server we started (by its recorded pid).  Removes nothing."""
-        if self.pid is None:
-            return
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-        elif self.running():
-            os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self.running() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self.running():
-                os.kill(self.pid, signal.SIGKILL)
-                while self.running():
-                    time.sleep(0.05)
-        self.proc = None
+        super().stop(timeout)
         # the supervisor stops master; should it have been killed first, stop
         # master by the pid it recorded (only if it is still our master)
         _stop_master_by_pidfile(self.path("run", "master.pid"), self.config_path, timeout)
-
-    def remove(self):
-        if self.dir and os.path.isdir(self.dir):
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    # -----------------------------------------------------------------
-    def seed(self):
-        """APPEND the fixture mail as alice (flags and INTERNALDATE from the manifest)."""
-        manifest = load_manifest(self.fixture_dir)
-        msgs = fixture_messages(self.fixture_dir)
-        folders = list(manifest.get("folders", []))
-        for folder, _ in msgs:
-            if folder not in folders:
-                folders.append(folder)
-        per_msg = manifest.get("messages", {})
-        folder_flags = manifest.get("folder_flags", {})
-        seeded = {"delimiter": self.separator, "prefix": self.prefix,
-                  "folders": {}, "messages": {}, "noselect": {}, "selectable_parents": {}}
-        with self.checker() as c:
-            imap = c.imap
-            # imaplib sends an APPEND's literal and its closing CRLF in two
-            # writes; with Nagle on, the CRLF waits for Cyrus's delayed ACK
-            # (~40 ms per message, 15 s for the fixtures).  Dovecot does not
-            # show this, Cyrus does.
-            imap.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for folder in folders:
-                raw = self.server_name(folder)
-                seeded["folders"][folder] = raw
-                if raw != "INBOX":
-                    c._ok(*imap.create(imap_quote(raw)), f"CREATE {raw}")
-            for folder, rel in msgs:
-                raw = self.server_name(folder)
-                meta = per_msg.get(rel, {})
-                flags = meta.get("flags", folder_flags.get(folder, []))
-                with open(os.path.join(self.fixture_dir, rel), "rb") as f:
-                    data = f.read()
-                if "internaldate" in meta:
-                    when = _dt.datetime.fromisoformat(meta["internaldate"])
-                else:
-                    hdr = re.search(rb"^Date: (.*?)\r?$", data, re.M | re.I).group(1).decode()
-                    when = email.utils.parsedate_to_datetime(hdr)
-                typ, resp = imap.append(imap_quote(raw), "(" + " ".join(flags) + ")",
-                                        imaplib.Time2Internaldate(when), data)
-                c._ok(typ, resp, f"APPEND {rel}")
-                m = re.search(rb"\[APPENDUID (\d+) (\d+)\]", resp[0] or b"")
-                seeded["messages"][rel] = {
-                    "folder": raw, "uid": int(m.group(2)) if m else None,
-                    "uidvalidity": int(m.group(1)) if m else None,
-                    "flags": sorted(flags), "internaldate": int(when.timestamp())}
-            # The manifest's \Noselect parents (Work): Cyrus 3.6 made them real
-            # mailboxes when their children were created.  Record which.
-            listed = {raw: flags for flags, _, raw, _ in c.list_folders()}
-            for folder in manifest.get("noselect", []):
-                raw = self.server_name(folder)
-                if raw not in listed:
-                    raise ServerError(f"{raw!r} is not listed on the server")
-                if listed[raw] & {"\\Noselect", "\\NonExistent"}:
-                    seeded["noselect"][folder] = raw
-                else:
-                    seeded["selectable_parents"][folder] = raw
-            for folder in folders:
-                raw = self.server_name(folder)
-                want = sum(1 for f, _ in msgs if f == folder)
-                got = len(c.messages(raw))
-                if got != want:
-                    raise ServerError(f"{raw}: {got} messages on the server, {want} fixtures")
-        self.seeded = seeded
-        with open(self.path("seeded.json"), "w", encoding="utf-8") as f:
-            json.dump(seeded, f, indent=1, ensure_ascii=False)
-        return seeded
 
     # -----------------------------------------------------------------
     LOGIN_LINE = re.compile(
@@ -769,12 +527,6 @@ DAEMON {{
             out.append(f"imap-login: Info: Login: user=<{m.group('user')}>, method={m.group('mech')}, "
                        f"rip={m.group('rip')}, lport={lport}, {security}, (cyrus: {line.strip()})")
         return out
-
-    def log_size(self):
-        try:
-            return os.path.getsize(self.log_path)
-        except OSError:
-            return 0
 
 
 # --------------------------------------------------------------------------

@@ -284,24 +284,28 @@ class Checker:
 # --------------------------------------------------------------------------
 # the server
 
-class TestServer:
-    """One throwaway Dovecot.  start() / stop(); attributes describe it."""
+class LocalServer:
+    """What a throwaway server on 127.0.0.1 is, whatever runs it (TestServer
+    here: Dovecot; cyrusserver.CyrusServer: Cyrus): a directory of its own,
+    a start on two free ports (IMAPS and IMAP with STARTTLS) retried when a
+    port is taken meanwhile, a wait until it logs a user in, a stop by the
+    pid we started, the fixture mail APPENDed over TLS, its state saved for
+    from_dir().  A kind supplies NAME, LOG_NAME, CONFIG_NAME, TAIL_FILES,
+    DIR_PREFIX, _write_files(), _spawn() (the Popen of what is to run),
+    logins_since(), and may hook _check_available(), _probe(),
+    _after_start(), _state_extra(), _init_kwargs() and _attach()."""
 
-    def __init__(self, directory=None, host="127.0.0.1", capabilities=None,
-                 separator="/", prefix="", fixture_dir=FIXTURE_DIR, seed=True,
-                 tied_to_parent=False, oauth_introspection_url=None, quota_storage_kib=None):
-        """tied_to_parent: stop Dovecot when this process dies (for pytest);
-        scripts/test-server start leaves it running, so it does not.
+    NAME = "server"
+    LOG_NAME = "server.log"
+    CONFIG_NAME = "server.conf"
+    TAIL_FILES = ()
+    DIR_PREFIX = "imapfs-test-server."
+    # Parents the manifest expects \Noselect that this kind makes real
+    # mailboxes (Cyrus): recorded in seeded["selectable_parents"], not an error.
+    SELECTABLE_PARENTS = False
 
-        oauth_introspection_url: also offer AUTHENTICATE XOAUTH2 and
-        OAUTHBEARER, checked by Dovecot's oauth2 passdb against this RFC 7662
-        token-introspection endpoint (POST token=...; the reply must say
-        {"active": true, "username": USER}).  Passwords still work for
-        LOGIN/PLAIN (the checker).
-
-        quota_storage_kib: enable Dovecot's quota plugin (count driver) with a
-        STORAGE limit of that many KiB, and the QUOTA extension (GETQUOTAROOT)
-        in IMAP.  None (the default): no quota."""
+    def __init__(self, directory, host, capabilities, separator, prefix, fixture_dir, seed,
+                 tied_to_parent):
         self.dir = os.path.abspath(directory) if directory else None
         self.host = host
         self.capabilities = capabilities
@@ -310,8 +314,6 @@ class TestServer:
         self.fixture_dir = fixture_dir
         self.do_seed = seed
         self.tied_to_parent = tied_to_parent
-        self.oauth_introspection_url = oauth_introspection_url
-        self.quota_storage_kib = quota_storage_kib
         self.user = USER
         self.password = None
         self.imaps_port = None
@@ -319,6 +321,7 @@ class TestServer:
         self.pid = None
         self.proc = None
         self.seeded = None
+        self.start_seconds = None   # up and answering (without seeding)
         self._own_dir = False
 
     # paths
@@ -335,11 +338,11 @@ class TestServer:
 
     @property
     def log_path(self):
-        return self.path("dovecot.log")
+        return self.path(self.LOG_NAME)
 
     @property
     def config_path(self):
-        return self.path("dovecot.conf")
+        return self.path(self.CONFIG_NAME)
 
     def env(self):
         """The shell variables scripts/test-server prints."""
@@ -362,6 +365,270 @@ class TestServer:
         if folder == "INBOX":
             return "INBOX"
         return mutf7_encode(self.prefix + folder.replace("/", self.separator))
+
+    # state, for from_dir() ---------------------------------------------
+    def _state_extra(self):
+        return {}
+
+    @classmethod
+    def _init_kwargs(cls, state):
+        return {}
+
+    def _attach(self, state):
+        pass
+
+    def _save_state(self):
+        state = dict(self.env(), config=self.config_path, separator=self.separator,
+                     prefix=self.prefix, capabilities=self.capabilities, **self._state_extra())
+        with open(self.path(STATE_FILE), "w") as f:
+            json.dump(state, f, indent=1)
+
+    @classmethod
+    def from_dir(cls, directory):
+        """Re-attach to a server started earlier (scripts/test-server stop/env)."""
+        directory = os.path.abspath(directory)
+        with open(os.path.join(directory, STATE_FILE)) as f:
+            state = json.load(f)
+        srv = cls(directory, host=state["IMAP_HOST"], capabilities=state.get("capabilities"),
+                  separator=state.get("separator", "/"), prefix=state.get("prefix", ""),
+                  **cls._init_kwargs(state))
+        srv.imaps_port = int(state["IMAPS_PORT"])
+        srv.imap_port = int(state["IMAP_PORT"])
+        srv.pid = int(state["IMAP_PID"])
+        with open(srv.password_file) as f:
+            srv.password = f.read().strip()
+        srv._attach(state)
+        seeded = os.path.join(directory, "seeded.json")
+        if os.path.exists(seeded):
+            with open(seeded, encoding="utf-8") as f:
+                srv.seeded = json.load(f)
+        return srv
+
+    def running(self):
+        """Our pid is alive and still runs our config (or our directory)."""
+        if self.pid is None or not _pid_alive(self.pid):
+            return False
+        cmd = _cmdline(self.pid)
+        return self.config_path.encode() in cmd or self.dir.encode() in cmd
+
+    # life ----------------------------------------------------------------
+    def _check_available(self):
+        pass
+
+    def _probe(self):
+        return self.checker()
+
+    def _after_start(self):
+        pass
+
+    def start(self, timeout=30):
+        self._check_available()
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix=self.DIR_PREFIX)
+            self._own_dir = True
+        if os.path.exists(self.path(STATE_FILE)):
+            old = type(self).from_dir(self.dir)
+            if old.running():
+                raise ServerError(f"a test server already runs from {self.dir} (pid {old.pid})")
+        started = time.monotonic()
+        last_error = None
+        for attempt in range(5):          # a port can be taken between probe and bind
+            self.imaps_port = free_port(self.host)
+            self.imap_port = free_port(self.host)
+            if self.imap_port == self.imaps_port:
+                continue
+            self._write_files()
+            self.proc = self._spawn()
+            self.pid = self.proc.pid
+            self._save_state()
+            try:
+                self._wait_ready(timeout)
+                break
+            except ServerError as e:
+                last_error = e
+                self.stop()
+                if "already in use" not in str(e):
+                    raise
+        else:
+            raise last_error or ServerError(f"could not start {self.NAME}")
+        self.start_seconds = time.monotonic() - started
+        try:
+            self._after_start()
+            if self.do_seed:
+                self.seed()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _tail(self, n=20):
+        text = ""
+        for name in self.TAIL_FILES:
+            try:
+                with open(self.path(name), errors="replace") as f:
+                    lines = f.readlines()[-n:]
+                if lines:
+                    text += f"--- {name}\n" + "".join(lines)
+            except OSError:
+                pass
+        return text
+
+    def _wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"{self.NAME} exited with status {self.proc.returncode}:\n"
+                                  f"{self._tail()}")
+            try:
+                self._probe().close()       # TLS handshake + LOGIN: auth is up too
+                return
+            except (OSError, imaplib.IMAP4.error, ssl.SSLError) as e:
+                last = e
+                time.sleep(0.1)
+        raise ServerError(f"{self.NAME} did not answer within {timeout}s ({last}):\n{self._tail()}")
+
+    def stop(self, timeout=20):
+        """Stop the server we started (by its recorded pid).  Removes nothing."""
+        if self.pid is None:
+            return
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        elif self.running():
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.running():
+                os.kill(self.pid, signal.SIGKILL)
+                while self.running():
+                    time.sleep(0.05)
+        self.proc = None
+
+    def remove(self):
+        if self.dir and os.path.isdir(self.dir):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------
+    def seed(self):
+        """APPEND the fixture mail as the user (flags and INTERNALDATE from the manifest)."""
+        manifest = load_manifest(self.fixture_dir)
+        msgs = fixture_messages(self.fixture_dir)
+        folders = list(manifest.get("folders", []))
+        for folder, _ in msgs:
+            if folder not in folders:
+                folders.append(folder)
+        per_msg = manifest.get("messages", {})
+        folder_flags = manifest.get("folder_flags", {})
+        seeded = {"delimiter": self.separator, "prefix": self.prefix,
+                  "folders": {}, "messages": {}, "noselect": {}, "selectable_parents": {}}
+        with self.checker() as c:
+            imap = c.imap
+            # imaplib sends an APPEND's literal and its closing CRLF in two
+            # writes; with Nagle on, the CRLF waits for the server's delayed
+            # ACK (Cyrus: ~40 ms per message, 15 s for the fixtures).
+            imap.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for folder in folders:
+                raw = self.server_name(folder)
+                seeded["folders"][folder] = raw
+                if raw != "INBOX":
+                    c._ok(*imap.create(imap_quote(raw)), f"CREATE {raw}")
+            for folder, rel in msgs:
+                raw = self.server_name(folder)
+                meta = per_msg.get(rel, {})
+                flags = meta.get("flags", folder_flags.get(folder, []))
+                with open(os.path.join(self.fixture_dir, rel), "rb") as f:
+                    data = f.read()
+                if "internaldate" in meta:
+                    when = _dt.datetime.fromisoformat(meta["internaldate"])
+                else:
+                    hdr = re.search(rb"^Date: (.*?)\r?$", data, re.M | re.I).group(1).decode()
+                    when = email.utils.parsedate_to_datetime(hdr)
+                # imaplib turns bare LF into CRLF, as IMAP requires
+                typ, resp = imap.append(imap_quote(raw), "(" + " ".join(flags) + ")",
+                                        imaplib.Time2Internaldate(when), data)
+                c._ok(typ, resp, f"APPEND {rel}")
+                m = re.search(rb"\[APPENDUID (\d+) (\d+)\]", resp[0] or b"")
+                seeded["messages"][rel] = {
+                    "folder": raw, "uid": int(m.group(2)) if m else None,
+                    "uidvalidity": int(m.group(1)) if m else None,
+                    "flags": sorted(flags), "internaldate": int(when.timestamp())}
+            # check what the server made of it
+            listed = {raw: flags for flags, _, raw, _ in c.list_folders()}
+            for folder in manifest.get("noselect", []):
+                raw = self.server_name(folder)
+                if raw not in listed:
+                    raise ServerError(f"{raw!r} is not listed on the server")
+                if listed[raw] & {"\\Noselect", "\\NonExistent"}:
+                    seeded["noselect"][folder] = raw
+                elif self.SELECTABLE_PARENTS:
+                    seeded["selectable_parents"][folder] = raw
+                else:
+                    raise ServerError(f"{raw!r} is not \\Noselect on the server: {listed[raw]}")
+            for folder in folders:
+                raw = self.server_name(folder)
+                want = sum(1 for f, _ in msgs if f == folder)
+                got = len(c.messages(raw))
+                if got != want:
+                    raise ServerError(f"{raw}: {got} messages on the server, {want} fixtures")
+        self.seeded = seeded
+        with open(self.path("seeded.json"), "w", encoding="utf-8") as f:
+            json.dump(seeded, f, indent=1, ensure_ascii=False)
+        return seeded
+
+    def log_size(self):
+        try:
+            return os.path.getsize(self.log_path)
+        except OSError:
+            return 0
+
+
+class TestServer(LocalServer):
+    """One throwaway Dovecot.  start() / stop(); attributes describe it."""
+
+    NAME = "dovecot"
+    LOG_NAME = "dovecot.log"
+    CONFIG_NAME = "dovecot.conf"
+    TAIL_FILES = ("dovecot.stdout", "dovecot.log")
+
+    def __init__(self, directory=None, host="127.0.0.1", capabilities=None,
+                 separator="/", prefix="", fixture_dir=FIXTURE_DIR, seed=True,
+                 tied_to_parent=False, oauth_introspection_url=None, quota_storage_kib=None):
+        """tied_to_parent: stop Dovecot when this process dies (for pytest);
+        scripts/test-server start leaves it running, so it does not.
+
+        oauth_introspection_url: also offer AUTHENTICATE XOAUTH2 and
+        OAUTHBEARER, checked by Dovecot's oauth2 passdb against this RFC 7662
+        token-introspection endpoint (POST token=...; the reply must say
+        {"active": true, "username": USER}).  Passwords still work for
+        LOGIN/PLAIN (the checker).
+
+        quota_storage_kib: enable Dovecot's quota plugin (count driver) with a
+        STORAGE limit of that many KiB, and the QUOTA extension (GETQUOTAROOT)
+        in IMAP.  None (the default): no quota."""
+        super().__init__(directory, host, capabilities, separator, prefix, fixture_dir, seed,
+                         tied_to_parent)
+        self.oauth_introspection_url = oauth_introspection_url
+        self.quota_storage_kib = quota_storage_kib
+
+    def _state_extra(self):
+        return dict(oauth_introspection_url=self.oauth_introspection_url,
+                    quota_storage_kib=self.quota_storage_kib)
+
+    @classmethod
+    def _init_kwargs(cls, state):
+        return dict(oauth_introspection_url=state.get("oauth_introspection_url"),
+                    quota_storage_kib=state.get("quota_storage_kib"))
+
+    def _check_available(self):
+        if not os.path.exists(DOVECOT):
+            raise ServerError(f"{DOVECOT} not found: apt-get install dovecot-imapd")
 
     # ------------------------------------------------------------------
     def _accounts(self):
@@ -540,132 +807,16 @@ service imap-urlauth-login {{
         with open(self.config_path, "w") as f:
             f.write(conf)
 
-    def _save_state(self):
-        state = dict(self.env(), config=self.config_path, separator=self.separator,
-                     prefix=self.prefix, capabilities=self.capabilities,
-                     oauth_introspection_url=self.oauth_introspection_url,
-                     quota_storage_kib=self.quota_storage_kib)
-        with open(self.path(STATE_FILE), "w") as f:
-            json.dump(state, f, indent=1)
-
-    @classmethod
-    def from_dir(cls, directory):
-        """Re-attach to a server started earlier (scripts/test-server stop/env)."""
-        directory = os.path.abspath(directory)
-        with open(os.path.join(directory, STATE_FILE)) as f:
-            state = json.load(f)
-        srv = cls(directory, host=state["IMAP_HOST"], capabilities=state.get("capabilities"),
-                  separator=state.get("separator", "/"), prefix=state.get("prefix", ""),
-                  oauth_introspection_url=state.get("oauth_introspection_url"),
-                  quota_storage_kib=state.get("quota_storage_kib"))
-        srv.imaps_port = int(state["IMAPS_PORT"])
-        srv.imap_port = int(state["IMAP_PORT"])
-        srv.pid = int(state["IMAP_PID"])
-        with open(srv.password_file) as f:
-            srv.password = f.read().strip()
-        seeded = os.path.join(directory, "seeded.json")
-        if os.path.exists(seeded):
-            with open(seeded, encoding="utf-8") as f:
-                srv.seeded = json.load(f)
-        return srv
-
-    def running(self):
-        return (self.pid is not None and _pid_alive(self.pid)
-                and self.config_path.encode() in _cmdline(self.pid))
-
-    # ------------------------------------------------------------------
-    def start(self, timeout=30):
-        if not os.path.exists(DOVECOT):
-            raise ServerError(f"{DOVECOT} not found: apt-get install dovecot-imapd")
-        if self.dir is None:
-            self.dir = tempfile.mkdtemp(prefix="imapfs-test-server.")
-            self._own_dir = True
-        if os.path.exists(self.path(STATE_FILE)):
-            old = TestServer.from_dir(self.dir)
-            if old.running():
-                raise ServerError(f"a test server already runs from {self.dir} (pid {old.pid})")
-        last_error = None
-        for attempt in range(5):          # a port can be taken between probe and bind
-            self.imaps_port = free_port(self.host)
-            self.imap_port = free_port(self.host)
-            if self.imap_port == self.imaps_port:
-                continue
-            self._write_files()
-            log = open(self.path("dovecot.stdout"), "ab")
-            try:
-                self.proc = subprocess.Popen(
-                    [DOVECOT, "-F", "-c", self.config_path],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True,
-                    preexec_fn=die_with_parent if self.tied_to_parent else None)
-            finally:
-                log.close()
-            self.pid = self.proc.pid
-            self._save_state()
-            try:
-                self._wait_ready(timeout)
-                break
-            except ServerError as e:
-                last_error = e
-                self.stop()
-                if "Address already in use" not in str(e):
-                    raise
-        else:
-            raise last_error or ServerError("could not start dovecot")
-        if self.do_seed:
-            try:
-                self.seed()
-            except BaseException:
-                self.stop()
-                raise
-        return self
-
-    def _tail(self, n=20):
-        text = ""
-        for name in ("dovecot.stdout", "dovecot.log"):
-            try:
-                with open(self.path(name), errors="replace") as f:
-                    text += "".join(f.readlines()[-n:])
-            except OSError:
-                pass
-        return text
-
-    def _wait_ready(self, timeout):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"dovecot exited with status {self.proc.returncode}:\n{self._tail()}")
-            try:
-                self.checker().close()       # TLS handshake + LOGIN: auth is up too
-                return
-            except (OSError, imaplib.IMAP4.error, ssl.SSLError) as e:
-                last = e
-                time.sleep(0.1)
-        raise ServerError(f"dovecot did not answer within {timeout}s ({last}):\n{self._tail()}")
-
-    def stop(self, timeout=20):
-        """Stop the server we started (by its recorded pid).  Removes nothing."""
-        if self.pid is None:
-            return
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-        elif self.running():
-            os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self.running() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self.running():
-                os.kill(self.pid, signal.SIGKILL)
-                while self.running():
-                    time.sleep(0.05)
-        self.proc = None
+    def _spawn(self):
+        log = open(self.path("dovecot.stdout"), "ab")
+        try:
+            return subprocess.Popen(
+                [DOVECOT, "-F", "-c", self.config_path],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+                preexec_fn=die_with_parent if self.tied_to_parent else None)
+        finally:
+            log.close()
 
     def restart(self, timeout=30):
         """Run Dovecot again from the same directory, config, ports and mail
@@ -674,15 +825,7 @@ service imap-urlauth-login {{
         if self.dir is None or self.imaps_port is None or not os.path.exists(self.config_path):
             raise ServerError("restart(): this server was never started")
         self.stop()
-        log = open(self.path("dovecot.stdout"), "ab")
-        try:
-            self.proc = subprocess.Popen(
-                [DOVECOT, "-F", "-c", self.config_path],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
-                preexec_fn=die_with_parent if self.tied_to_parent else None)
-        finally:
-            log.close()
+        self.proc = self._spawn()
         self.pid = self.proc.pid
         self._save_state()
         try:
@@ -692,68 +835,6 @@ service imap-urlauth-login {{
             raise
         return self
 
-    def remove(self):
-        if self.dir and os.path.isdir(self.dir):
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    # ------------------------------------------------------------------
-    def seed(self):
-        """APPEND the fixture mail (flags and INTERNALDATE from the manifest)."""
-        manifest = load_manifest(self.fixture_dir)
-        msgs = fixture_messages(self.fixture_dir)
-        folders = list(manifest.get("folders", []))
-        for folder, _ in msgs:
-            if folder not in folders:
-                folders.append(folder)
-        per_msg = manifest.get("messages", {})
-        folder_flags = manifest.get("folder_flags", {})
-        seeded = {"delimiter": self.separator, "prefix": self.prefix,
-                  "folders": {}, "messages": {}, "noselect": {}}
-        with self.checker() as c:
-            imap = c.imap
-            for folder in folders:
-                raw = self.server_name(folder)
-                seeded["folders"][folder] = raw
-                if raw != "INBOX":
-                    c._ok(*imap.create(imap_quote(raw)), f"CREATE {raw}")
-            for folder, rel in msgs:
-                raw = self.server_name(folder)
-                meta = per_msg.get(rel, {})
-                flags = meta.get("flags", folder_flags.get(folder, []))
-                with open(os.path.join(self.fixture_dir, rel), "rb") as f:
-                    data = f.read()
-                if "internaldate" in meta:
-                    when = _dt.datetime.fromisoformat(meta["internaldate"])
-                else:
-                    hdr = re.search(rb"^Date: (.*?)\r?$", data, re.M | re.I).group(1).decode()
-                    when = email.utils.parsedate_to_datetime(hdr)
-                # imaplib turns bare LF into CRLF, as IMAP requires
-                typ, resp = imap.append(imap_quote(raw), "(" + " ".join(flags) + ")",
-                                        imaplib.Time2Internaldate(when), data)
-                c._ok(typ, resp, f"APPEND {rel}")
-                m = re.search(rb"\[APPENDUID (\d+) (\d+)\]", resp[0] or b"")
-                seeded["messages"][rel] = {
-                    "folder": raw, "uid": int(m.group(2)) if m else None,
-                    "uidvalidity": int(m.group(1)) if m else None,
-                    "flags": sorted(flags), "internaldate": int(when.timestamp())}
-            # check what the server made of it
-            listed = {raw: flags for flags, _, raw, _ in c.list_folders()}
-            for folder in manifest.get("noselect", []):
-                raw = self.server_name(folder)
-                if raw not in listed or not (listed[raw] & {"\\Noselect", "\\NonExistent"}):
-                    raise ServerError(f"{raw!r} is not \\Noselect on the server: {listed.get(raw)}")
-                seeded["noselect"][folder] = raw
-            for folder in folders:
-                raw = self.server_name(folder)
-                want = sum(1 for f, _ in msgs if f == folder)
-                got = len(c.messages(raw))
-                if got != want:
-                    raise ServerError(f"{raw}: {got} messages on the server, {want} fixtures")
-        self.seeded = seeded
-        with open(self.path("seeded.json"), "w", encoding="utf-8") as f:
-            json.dump(seeded, f, indent=1, ensure_ascii=False)
-        return seeded
-
     def logins_since(self, offset):
         """Dovecot 'Login:' lines written to the log after byte offset."""
         with open(self.log_path, "rb") as f:
@@ -761,11 +842,6 @@ service imap-urlauth-login {{
             text = f.read().decode("utf-8", "replace")
         return [line for line in text.splitlines() if "imap-login: Info: Login:" in line]
 
-    def log_size(self):
-        try:
-            return os.path.getsize(self.log_path)
-        except OSError:
-            return 0
 
 
 class FastServer(TestServer):
