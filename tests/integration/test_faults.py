@@ -183,9 +183,13 @@ def test_connections_forgotten_by_nat(mounter, proxy, expected, idle_timeout):
     idle_timeout=3 the mount closes pooled connections unused that long, so a
     read after the idle spell goes out on a new connection at once.  The
     control (default idle_timeout, 240 s) shows what that prevents: the read
-    meets a dead connection and waits out the timeout before its retry."""
+    meets a dead connection and waits out the timeout before its retry.  The
+    watcher's poll is turned down: its folder-list poll goes out on a pooled
+    connection, and had it met the dead one first, the control's read would
+    have found the pool empty and opened a new connection at once."""
     timeout = 6
-    options = mounter.default_options() + [f"timeout={timeout}", "connections=2"]
+    options = mounter.default_options() + [f"timeout={timeout}", "connections=2",
+                                           "poll_interval=3600"]
     if idle_timeout:
         options.append(f"idle_timeout={idle_timeout}")
     m = mounter(url=mounter.url(port=proxy.port), options=options)
