@@ -1095,17 +1095,25 @@ static int refresh_incremental(struct imap_session *session, const struct folder
                                struct table_builder *table)
 {
     struct table_builder added = { 0 }, changed = { 0 };
-    uint32_t *present = NULL;
-    size_t present_count = 0;
+    uint32_t *present = NULL, *vanished = NULL;
+    size_t present_count = 0, vanished_count = 0, gone = 0;
     int ret = 0;
 
     if (old->uidnext && state->uidnext > old->uidnext)
         ret = imap_fetch_meta(session, old->uidnext, 0, collect_meta, &added);
-    if (ret == 0 && old->uidnext > 1)
+    /* With QRESYNC the flags fetch also names the UIDs expunged since
+     * (VANISHED (EARLIER)); without it, only the count tells whether any
+     * were, and then every UID is asked for (UID SEARCH ALL). */
+    if (ret == 0 && old->uidnext > 1 && imap_session_qresync(session))
+        ret = imap_fetch_changes(session, 1, old->uidnext - 1, old->highestmodseq, collect_flags,
+                                 &changed, &vanished, &vanished_count);
+    else if (ret == 0 && old->uidnext > 1)
         ret = imap_fetch_flags(session, 1, old->uidnext - 1, old->highestmodseq, collect_flags,
                                &changed);
-    /* Expunges: the count tells whether any happened. */
-    if (ret == 0 && old->count + added.count != state->exists)
+    for (size_t i = 0; ret == 0 && vanished && i < old->count; i++)
+        gone += uid_in(vanished, vanished_count, old->messages[i].uid);
+    /* a count that does not add up: ask for every UID (or VANISHED missed one) */
+    if (ret == 0 && old->count - gone + added.count != state->exists)
         ret = imap_search_all(session, &present, &present_count);
     if (ret < 0)
         goto out;
@@ -1115,7 +1123,8 @@ static int refresh_incremental(struct imap_session *session, const struct folder
     /* old table, minus the UIDs gone, with the new flags, plus the new UIDs */
     for (size_t i = 0; i < old->count; i++) {
         struct cache_message message = old->messages[i];
-        if (present && !uid_in(present, present_count, message.uid))
+        if (present ? !uid_in(present, present_count, message.uid)
+                    : vanished && uid_in(vanished, vanished_count, message.uid))
             continue;
         struct cache_message *update = table_find(&changed, message.uid);
         if (update) {
@@ -1143,6 +1152,7 @@ out:
     free_table(&added);
     free_table(&changed);
     free(present);
+    free(vanished);
     return ret;
 }
 

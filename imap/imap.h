@@ -134,6 +134,17 @@ typedef int imap_flags_fn(void *context, uint32_t uid, const struct imap_value *
 int imap_fetch_flags(struct imap_session *session, uint32_t first, uint32_t last,
                      uint64_t changedsince, imap_flags_fn *fn, void *context);
 
+/* The same with QRESYNC's VANISHED modifier: also the UIDs in first:last
+ * expunged since changedsince (VANISHED (EARLIER)), as a sorted malloc'd
+ * array, which may name UIDs this client never saw.  -EINVAL unless the
+ * session has QRESYNC enabled (imap_session_qresync) and changedsince is
+ * set. */
+int imap_fetch_changes(struct imap_session *session, uint32_t first, uint32_t last,
+                       uint64_t changedsince, imap_flags_fn *fn, void *context,
+                       uint32_t **vanished, size_t *vanished_count);
+/* Whether the server enabled QRESYNC for this session at login. */
+int imap_session_qresync(const struct imap_session *session);
+
 /* All UIDs of the selected mailbox, ascending (UID SEARCH ALL; the compact
  * ESEARCH form where offered).  *uids is malloc'd; caller frees. */
 int imap_search_all(struct imap_session *session, uint32_t **uids, size_t *count);

@@ -51,6 +51,8 @@ struct imap_session {
     char last_error[256];       /* text of the last tagged NO/BAD */
     char idle_tag[16];          /* the running IDLE command's tag; "" when not idling */
     int logging_out;            /* LOGOUT sent: its BYE is no news */
+    int qresync;                /* ENABLE QRESYNC accepted (RFC 7162): expunges come as
+                                   VANISHED, and a flags fetch can ask for them */
     struct timespec last_io;    /* when a command was sent or a response read */
 };
 
@@ -455,6 +457,20 @@ static int simple_command(struct imap_session *session, const char *text)
     return simple_command_with(session, text, NULL, NULL);
 }
 
+/* "* ENABLED QRESYNC": the server turned it on for this session. */
+static int enabled_handler(void *context, struct imap_response *response)
+{
+    struct imap_session *session = context;
+
+    if (response->status != IMAP_STATUS_NONE || response->count < 1 ||
+        !imap_value_is_atom(&response->items[0], "ENABLED"))
+        return 0;
+    for (size_t i = 1; i < response->count; i++)
+        if (imap_value_is_atom(&response->items[i], "QRESYNC"))
+            session->qresync = 1;
+    return 1;
+}
+
 int imap_status_errno(const struct imap_response *response)
 {
     static const struct { const char *code; int err; } codes[] = {
@@ -703,9 +719,13 @@ int imap_session_open(const struct imap_config *config, struct imap_session **ou
         snprintf(err, errlen, "CAPABILITY failed at %s", config->host);
         goto fail;
     }
+    /* optional; a refusal is no error.  QRESYNC implies CONDSTORE. */
     if (imap_session_has_capability(session, "ENABLE") &&
+        imap_session_has_capability(session, "QRESYNC"))
+        simple_command_with(session, "ENABLE QRESYNC", enabled_handler, session);
+    if (!session->qresync && imap_session_has_capability(session, "ENABLE") &&
         imap_session_has_capability(session, "CONDSTORE"))
-        simple_command(session, "ENABLE CONDSTORE"); /* optional; ignore a refusal */
+        simple_command(session, "ENABLE CONDSTORE");
     log_debug("logged in to %s as %s", config->host, config->user);
     *out = session;
     return 0;
@@ -1278,7 +1298,6 @@ static int parse_copyuid(const char *code, struct imap_copy_result *result)
 struct copy_context {
     uint32_t uid;
     struct imap_copy_result *result;
-    int gone;           /* the server said the source is expunged */
 };
 
 /* MOVE reports COPYUID in an untagged OK before the EXPUNGE of the source. */
@@ -1298,7 +1317,7 @@ static int copy_or_move(struct imap_session *session, const char *verb, uint32_t
                         const char *mailbox, struct imap_copy_result *result)
 {
     struct command cmd = { .redact_from = -1 };
-    struct copy_context copy = { uid, result, 0 };
+    struct copy_context copy = { uid, result };
     struct imap_response *tagged = NULL;
     int ret;
 
@@ -1489,10 +1508,18 @@ int imap_status(struct imap_session *session, const char *mailbox,
 
 /* ---------------------------------------------------------------- flags, search */
 
+struct search_context {
+    uint32_t *uids;
+    size_t count, cap;
+    int failed;
+};
+static int vanished_add(struct search_context *vanished, const struct imap_response *response);
+
 struct flags_context {
     uint32_t first, last;
     imap_flags_fn *fn;
     void *context;
+    struct search_context *vanished;    /* collects VANISHED (EARLIER), or NULL */
 };
 
 static int flags_handler(void *context, struct imap_response *response)
@@ -1503,7 +1530,7 @@ static int flags_handler(void *context, struct imap_response *response)
     uint32_t uid;
 
     if (!attrs)
-        return 0;
+        return flags->vanished ? vanished_add(flags->vanished, response) : 0;
     uid_value = imap_fetch_item(attrs, "UID");
     flags_value = imap_fetch_item(attrs, "FLAGS");
     if (!uid_value || !flags_value || imap_value_u32(uid_value, &uid) < 0 || uid == 0 ||
@@ -1518,7 +1545,7 @@ static int flags_handler(void *context, struct imap_response *response)
 int imap_fetch_flags(struct imap_session *session, uint32_t first, uint32_t last,
                      uint64_t changedsince, imap_flags_fn *fn, void *context)
 {
-    struct flags_context flags = { first, last, fn, context };
+    struct flags_context flags = { first, last, fn, context, NULL };
     char text[128], range[32];
 
     if (last)
@@ -1531,6 +1558,41 @@ int imap_fetch_flags(struct imap_session *session, uint32_t first, uint32_t last
     else
         snprintf(text, sizeof(text), "UID FETCH %s (UID FLAGS)", range);
     return simple_command_with(session, text, flags_handler, &flags);
+}
+
+int imap_fetch_changes(struct imap_session *session, uint32_t first, uint32_t last,
+                       uint64_t changedsince, imap_flags_fn *fn, void *context,
+                       uint32_t **vanished, size_t *vanished_count)
+{
+    struct search_context gone = { 0 };
+    struct flags_context flags = { first, last, fn, context, &gone };
+    char text[160];
+
+    *vanished = NULL;
+    *vanished_count = 0;
+    if (!session->qresync || !changedsince || !first || (last && last < first))
+        return -EINVAL;
+    if (last)
+        snprintf(text, sizeof(text), "UID FETCH %u:%u (UID FLAGS) (CHANGEDSINCE %llu VANISHED)",
+                 first, last, (unsigned long long)changedsince);
+    else
+        snprintf(text, sizeof(text), "UID FETCH %u:* (UID FLAGS) (CHANGEDSINCE %llu VANISHED)",
+                 first, (unsigned long long)changedsince);
+    int ret = simple_command_with(session, text, flags_handler, &flags);
+    if (ret < 0) {
+        free(gone.uids);
+        return ret;
+    }
+    if (gone.count)
+        qsort(gone.uids, gone.count, sizeof(*gone.uids), compare_u32);
+    *vanished = gone.uids;
+    *vanished_count = gone.count;
+    return 0;
+}
+
+int imap_session_qresync(const struct imap_session *session)
+{
+    return session->qresync;
 }
 
 int imap_parse_uid_set(const char *set, size_t max_count, uint32_t **uids, size_t *count)
@@ -1591,11 +1653,6 @@ bad:
     return -EPROTO;
 }
 
-struct search_context {
-    uint32_t *uids;
-    size_t count, cap;
-    int failed;
-};
 
 static int search_add(struct search_context *search, uint32_t uid)
 {
@@ -1609,6 +1666,31 @@ static int search_add(struct search_context *search, uint32_t uid)
     }
     search->uids[search->count++] = uid;
     return 0;
+}
+
+/* "* VANISHED (EARLIER) 3:5,9": UIDs expunged since a CHANGEDSINCE.  A
+ * VANISHED without EARLIER is news of now, not the answer: left to the
+ * unsolicited handler. */
+static int vanished_add(struct search_context *vanished, const struct imap_response *response)
+{
+    if (response->status != IMAP_STATUS_NONE || response->count != 3 ||
+        !imap_value_is_atom(&response->items[0], "VANISHED") ||
+        response->items[1].kind != IMAP_VALUE_LIST || response->items[1].count != 1 ||
+        !imap_value_is_atom(&response->items[1].items[0], "EARLIER"))
+        return 0;
+    const struct imap_value *set = &response->items[2];
+    uint32_t *uids;
+    size_t count;
+    if ((set->kind != IMAP_VALUE_ATOM && set->kind != IMAP_VALUE_NUMBER) ||
+        imap_parse_uid_set(set->str, 1u << 26, &uids, &count) < 0)
+        return -EPROTO;
+    for (size_t i = 0; i < count; i++)
+        if (search_add(vanished, uids[i]) < 0) {
+            free(uids);
+            return -ENOMEM;
+        }
+    free(uids);
+    return 1;
 }
 
 static int search_handler(void *context, struct imap_response *response)

@@ -234,10 +234,10 @@ def mount_on(mounter, sync_server):
     that exit status non-zero)."""
     made = []
 
-    def factory(options=(), server=None):
+    def factory(options=(), server=None, debug=False):
         server = server or sync_server
         m = mounter(server=server, options=mounter.default_options(server) + list(options),
-                    extra_args=DEBUG_ARGS)
+                    extra_args=["-d"] if debug else DEBUG_ARGS)
         made.append(m)
         return m
     yield factory
@@ -355,6 +355,64 @@ def test_poll_alone_keeps_folders_in_step(push_server, mount_on):
         want = {f"{uid}.eml"}
         wait_for(f"{mode}: new mail and expunge with poll_interval=1", lambda: ls(dpath) == want,
                  since=t0, describe=lambda: sorted(ls(dpath) or ()))
+        m.unmount()
+
+
+# --------------------------------------------------------------------------
+# a resync costs what changed: QRESYNC names the expunged UIDs
+
+RESYNC_CAPS = {
+    "qresync": None,                                    # Dovecot as it is
+    "condstore": DOVECOT_CAPS.replace(" QRESYNC", ""),  # CONDSTORE alone
+}
+
+
+@pytest.fixture(scope="module", params=sorted(RESYNC_CAPS))
+def resync_server(request):
+    mode = request.param
+    srv = imapserver.TestServer(own_dir(f"resync-{mode}"), capabilities=RESYNC_CAPS[mode],
+                                seed=False, tied_to_parent=True)
+    srv.mode = mode
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        srv.remove()
+
+
+def test_expunges_are_learnt_from_what_vanished(resync_server, mount_on):
+    """After another client expunges, the mount learns which messages went
+    from the server's VANISHED (EARLIER) answer to the flags fetch it makes
+    anyway (UID FETCH ... (CHANGEDSINCE n VANISHED)), where QRESYNC is
+    offered: the cost follows the change, not the folder.  With CONDSTORE
+    alone it must ask for every UID (UID SEARCH).  Either way the listing
+    ends up as the server's."""
+    mode = resync_server.mode
+    with resync_server.checker() as c:
+        folder = f"Resync-{mode}"
+        msgs = create_folder(c, folder, [make_message(f"resync-{mode}-{i}") for i in range(40)])
+        m = mount_on(server=resync_server, debug=True)
+        path = m.folder_path(folder, "/")
+        assert ls(path) == {f"{u}.eml" for u in msgs}
+        mark = len(m.log())
+        gone = sorted(msgs)[5:8]
+        want = {f"{u}.eml" for u in msgs if u not in gone}
+        t0 = time.monotonic()
+        expunge(c, folder, gone)
+        wait_for(f"{mode}: expunge of 3 in 40", lambda: ls(path) == want, since=t0,
+                 describe=lambda: sorted(ls(path) or ()))
+        log = m.log()[mark:]
+        asked_vanished = re.findall(r"C: \S+ UID FETCH 1:\d+ \(UID FLAGS\) "
+                                    r"\(CHANGEDSINCE \d+ VANISHED\)", log)
+        searched = re.findall(r"C: \S+ UID SEARCH", log)
+        if mode == "qresync":
+            assert asked_vanished, f"no VANISHED fetch after the expunge:\n{log[-3000:]}"
+            assert re.search(r"S: \* VANISHED \(EARLIER\) ", log), log[-3000:]
+            assert not searched, f"asked for every UID although QRESYNC is on: {searched}"
+        else:
+            assert searched and not asked_vanished, log[-3000:]
+        assert read_bytes(os.path.join(path, f"{sorted(msgs)[0]}.eml")) == msgs[sorted(msgs)[0]]
         m.unmount()
 
 
