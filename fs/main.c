@@ -13,9 +13,36 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
+
+/* The FUSE device, read and written as libfuse would, but for one answer.
+ * libfuse 3.14 takes ENODEV from a read as "unmounted" and stops quietly,
+ * and any other error as a failure of the daemon.  When the unmount's
+ * abort of the connection races with a read that has just found a request
+ * (or an administrator aborts it through /sys/fs/fuse/connections), the
+ * kernel answers ECONNABORTED instead: the connection is just as gone, so
+ * it is read as ENODEV, and fusermount3 -u ends with status 0 every time. */
+static ssize_t device_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void)userdata;
+    ssize_t n = read(fd, buf, len);
+    if (n < 0 && errno == ECONNABORTED) {
+        log_debug("the kernel aborted the FUSE connection");
+        errno = ENODEV;
+    }
+    return n;
+}
+
+static ssize_t device_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    (void)userdata;
+    return writev(fd, iov, count);
+}
+
+static const struct fuse_custom_io device_io = { .writev = device_writev, .read = device_read };
 
 int main(int argc, char *argv[])
 {
@@ -133,6 +160,8 @@ int main(int argc, char *argv[])
         fprintf(stderr, "imapfs: cannot mount on %s\n", options.mountpoint);
         goto out_handlers;
     }
+    if (fuse_session_custom_io(se, &device_io, fuse_session_fd(se)) != 0)
+        goto out_unmount;
     if (fuse_daemonize(options.foreground) != 0)
         goto out_unmount;
     if (!options.foreground)

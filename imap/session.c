@@ -1668,6 +1668,24 @@ static int search_add(struct search_context *search, uint32_t uid)
     return 0;
 }
 
+/* Adds the UIDs of a sequence set ("1:3,5"); -EPROTO when it is none. */
+static int search_add_set(struct search_context *search, const struct imap_value *set)
+{
+    uint32_t *uids;
+    size_t count;
+
+    if ((set->kind != IMAP_VALUE_ATOM && set->kind != IMAP_VALUE_NUMBER) ||
+        imap_parse_uid_set(set->str, 1u << 26, &uids, &count) < 0)
+        return -EPROTO;
+    for (size_t i = 0; i < count; i++)
+        if (search_add(search, uids[i]) < 0) {
+            free(uids);
+            return -ENOMEM;
+        }
+    free(uids);
+    return 0;
+}
+
 /* "* VANISHED (EARLIER) 3:5,9": UIDs expunged since a CHANGEDSINCE.  A
  * VANISHED without EARLIER is news of now, not the answer: left to the
  * unsolicited handler. */
@@ -1678,19 +1696,8 @@ static int vanished_add(struct search_context *vanished, const struct imap_respo
         response->items[1].kind != IMAP_VALUE_LIST || response->items[1].count != 1 ||
         !imap_value_is_atom(&response->items[1].items[0], "EARLIER"))
         return 0;
-    const struct imap_value *set = &response->items[2];
-    uint32_t *uids;
-    size_t count;
-    if ((set->kind != IMAP_VALUE_ATOM && set->kind != IMAP_VALUE_NUMBER) ||
-        imap_parse_uid_set(set->str, 1u << 26, &uids, &count) < 0)
-        return -EPROTO;
-    for (size_t i = 0; i < count; i++)
-        if (search_add(vanished, uids[i]) < 0) {
-            free(uids);
-            return -ENOMEM;
-        }
-    free(uids);
-    return 1;
+    int ret = search_add_set(vanished, &response->items[2]);
+    return ret < 0 ? ret : 1;
 }
 
 static int search_handler(void *context, struct imap_response *response)
@@ -1714,18 +1721,9 @@ static int search_handler(void *context, struct imap_response *response)
         for (size_t i = 1; i + 1 < response->count; i++) {
             if (!imap_value_is_atom(&response->items[i], "ALL"))
                 continue;
-            const struct imap_value *set = &response->items[i + 1];
-            uint32_t *uids;
-            size_t count;
-            if ((set->kind != IMAP_VALUE_ATOM && set->kind != IMAP_VALUE_NUMBER) ||
-                imap_parse_uid_set(set->str, 1u << 26, &uids, &count) < 0)
-                return -EPROTO;
-            for (size_t j = 0; j < count; j++)
-                if (search_add(search, uids[j]) < 0) {
-                    free(uids);
-                    return -ENOMEM;
-                }
-            free(uids);
+            int ret = search_add_set(search, &response->items[i + 1]);
+            if (ret < 0)
+                return ret;
         }
         return 1;
     }

@@ -485,8 +485,10 @@ def test_scanned_messages_are_read_from_pages_the_daemon_stored(mounter, own_ser
         print(f"{round_}: {reads} FUSE READs for {len(names)} messages; body fetches {fetched}")
         assert len(names) == SCAN_MESSAGES and not wrong, f"{round_}: wrong bytes in {wrong[:5]}"
         # the first message and the first of each batch may be read before
-        # their pages arrive; the rest must come from the stored pages
-        assert reads <= SCAN_MESSAGES // 10, \
+        # their pages arrive, and a slow notifier (55 of 300 once under ASan
+        # on a busy machine; 2-3 otherwise) lets the reader overtake more;
+        # without the store every message is a READ
+        assert reads <= SCAN_MESSAGES // 3, \
             f"{round_}: {reads} FUSE READs for {SCAN_MESSAGES} messages read in UID order"
         if round_ == "loaded from the disk cache":
             assert not fetched, f"bodies fetched again although on disk: {fetched}"

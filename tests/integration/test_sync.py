@@ -267,10 +267,10 @@ PUSH_CAPS = {
 NO_POLL = ["poll_interval=3600", "dir_cache_timeout=3600"]
 
 
-@pytest.fixture(scope="module", params=sorted(PUSH_CAPS))
-def push_server(request):
-    mode = request.param
-    srv = imapserver.TestServer(own_dir(f"push-{mode}"), capabilities=PUSH_CAPS[mode],
+def server_for_mode(what, mode, capabilities):
+    """An empty server of a module-scoped fixture's own, with capabilities
+    cut to mode (None: Dovecot's); .mode says which."""
+    srv = imapserver.TestServer(own_dir(f"{what}-{mode}"), capabilities=capabilities,
                                 seed=False, tied_to_parent=True)
     srv.mode = mode
     try:
@@ -279,6 +279,11 @@ def push_server(request):
     finally:
         srv.stop()
         srv.remove()
+
+
+@pytest.fixture(scope="module", params=sorted(PUSH_CAPS))
+def push_server(request):
+    yield from server_for_mode("push", request.param, PUSH_CAPS[request.param])
 
 
 def test_pushed_changes_show_without_a_poll(push_server, mount_on):
@@ -369,16 +374,7 @@ RESYNC_CAPS = {
 
 @pytest.fixture(scope="module", params=sorted(RESYNC_CAPS))
 def resync_server(request):
-    mode = request.param
-    srv = imapserver.TestServer(own_dir(f"resync-{mode}"), capabilities=RESYNC_CAPS[mode],
-                                seed=False, tied_to_parent=True)
-    srv.mode = mode
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
-        srv.remove()
+    yield from server_for_mode("resync", request.param, RESYNC_CAPS[request.param])
 
 
 def test_expunges_are_learnt_from_what_vanished(resync_server, mount_on):
