@@ -1221,7 +1221,10 @@ static int refresh_folder(struct fs_account *account, const struct folder_snapsh
             ret = 1; /* nothing changed */
         } else {
             ret = refresh_incremental(session, old, state, table);
-            if (ret == -EAGAIN) {
+            /* counts that do not add up, or an answer we could not read
+             * (a malformed VANISHED, say; the command completed, so the
+             * session is still in step): list in full instead */
+            if (ret == -EAGAIN || ret == -EPROTO) {
                 free_table(table);
                 memset(table, 0, sizeof(*table));
                 ret = 0;

@@ -1511,9 +1511,68 @@ int imap_status(struct imap_session *session, const char *mailbox,
 struct search_context {
     uint32_t *uids;
     size_t count, cap;
-    int failed;
 };
-static int vanished_add(struct search_context *vanished, const struct imap_response *response);
+
+static int search_add(struct search_context *search, uint32_t uid)
+{
+    if (search->count == search->cap) {
+        size_t cap = search->cap ? search->cap * 2 : 256;
+        uint32_t *grown = realloc(search->uids, cap * sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        search->uids = grown;
+        search->cap = cap;
+    }
+    search->uids[search->count++] = uid;
+    return 0;
+}
+
+/* Hands the UIDs collected over, ascending; 0, or ret (< 0) after freeing
+ * them when the command failed. */
+static int search_finish(struct search_context *search, int ret, uint32_t **uids, size_t *count)
+{
+    if (ret < 0) {
+        free(search->uids);
+        return ret;
+    }
+    if (search->count)
+        qsort(search->uids, search->count, sizeof(*search->uids), compare_u32);
+    *uids = search->uids;
+    *count = search->count;
+    return 0;
+}
+
+/* Adds the UIDs of a sequence set ("1:3,5"); -EPROTO when it is none. */
+static int search_add_set(struct search_context *search, const struct imap_value *set)
+{
+    uint32_t *uids;
+    size_t count;
+
+    if ((set->kind != IMAP_VALUE_ATOM && set->kind != IMAP_VALUE_NUMBER) ||
+        imap_parse_uid_set(set->str, 1u << 26, &uids, &count) < 0)
+        return -EPROTO;
+    for (size_t i = 0; i < count; i++)
+        if (search_add(search, uids[i]) < 0) {
+            free(uids);
+            return -ENOMEM;
+        }
+    free(uids);
+    return 0;
+}
+
+/* "* VANISHED (EARLIER) 3:5,9": UIDs expunged since a CHANGEDSINCE.  A
+ * VANISHED without EARLIER is news of now, not the answer: left to the
+ * unsolicited handler. */
+static int vanished_add(struct search_context *vanished, const struct imap_response *response)
+{
+    if (response->status != IMAP_STATUS_NONE || response->count != 3 ||
+        !imap_value_is_atom(&response->items[0], "VANISHED") ||
+        response->items[1].kind != IMAP_VALUE_LIST || response->items[1].count != 1 ||
+        !imap_value_is_atom(&response->items[1].items[0], "EARLIER"))
+        return 0;
+    int ret = search_add_set(vanished, &response->items[2]);
+    return ret < 0 ? ret : 1;
+}
 
 struct flags_context {
     uint32_t first, last;
@@ -1542,22 +1601,30 @@ static int flags_handler(void *context, struct imap_response *response)
     return ret < 0 ? ret : 1;
 }
 
-int imap_fetch_flags(struct imap_session *session, uint32_t first, uint32_t last,
-                     uint64_t changedsince, imap_flags_fn *fn, void *context)
+/* UID FETCH first:last (UID FLAGS), with (CHANGEDSINCE n) when changedsince
+ * is set, and VANISHED in it when vanished collects what the server names. */
+static int fetch_flags(struct imap_session *session, uint32_t first, uint32_t last,
+                       uint64_t changedsince, imap_flags_fn *fn, void *context,
+                       struct search_context *vanished)
 {
-    struct flags_context flags = { first, last, fn, context, NULL };
-    char text[128], range[32];
+    struct flags_context flags = { first, last, fn, context, vanished };
+    char text[160], range[32], modifier[64] = "";
 
     if (last)
         snprintf(range, sizeof(range), "%u:%u", first, last);
     else
         snprintf(range, sizeof(range), "%u:*", first);
     if (changedsince)
-        snprintf(text, sizeof(text), "UID FETCH %s (UID FLAGS) (CHANGEDSINCE %llu)", range,
-                 (unsigned long long)changedsince);
-    else
-        snprintf(text, sizeof(text), "UID FETCH %s (UID FLAGS)", range);
+        snprintf(modifier, sizeof(modifier), " (CHANGEDSINCE %llu%s)",
+                 (unsigned long long)changedsince, vanished ? " VANISHED" : "");
+    snprintf(text, sizeof(text), "UID FETCH %s (UID FLAGS)%s", range, modifier);
     return simple_command_with(session, text, flags_handler, &flags);
+}
+
+int imap_fetch_flags(struct imap_session *session, uint32_t first, uint32_t last,
+                     uint64_t changedsince, imap_flags_fn *fn, void *context)
+{
+    return fetch_flags(session, first, last, changedsince, fn, context, NULL);
 }
 
 int imap_fetch_changes(struct imap_session *session, uint32_t first, uint32_t last,
@@ -1565,29 +1632,13 @@ int imap_fetch_changes(struct imap_session *session, uint32_t first, uint32_t la
                        uint32_t **vanished, size_t *vanished_count)
 {
     struct search_context gone = { 0 };
-    struct flags_context flags = { first, last, fn, context, &gone };
-    char text[160];
 
     *vanished = NULL;
     *vanished_count = 0;
     if (!session->qresync || !changedsince || !first || (last && last < first))
         return -EINVAL;
-    if (last)
-        snprintf(text, sizeof(text), "UID FETCH %u:%u (UID FLAGS) (CHANGEDSINCE %llu VANISHED)",
-                 first, last, (unsigned long long)changedsince);
-    else
-        snprintf(text, sizeof(text), "UID FETCH %u:* (UID FLAGS) (CHANGEDSINCE %llu VANISHED)",
-                 first, (unsigned long long)changedsince);
-    int ret = simple_command_with(session, text, flags_handler, &flags);
-    if (ret < 0) {
-        free(gone.uids);
-        return ret;
-    }
-    if (gone.count)
-        qsort(gone.uids, gone.count, sizeof(*gone.uids), compare_u32);
-    *vanished = gone.uids;
-    *vanished_count = gone.count;
-    return 0;
+    int ret = fetch_flags(session, first, last, changedsince, fn, context, &gone);
+    return search_finish(&gone, ret, vanished, vanished_count);
 }
 
 int imap_session_qresync(const struct imap_session *session)
@@ -1653,53 +1704,6 @@ bad:
     return -EPROTO;
 }
 
-
-static int search_add(struct search_context *search, uint32_t uid)
-{
-    if (search->count == search->cap) {
-        size_t cap = search->cap ? search->cap * 2 : 256;
-        uint32_t *grown = realloc(search->uids, cap * sizeof(*grown));
-        if (!grown)
-            return -ENOMEM;
-        search->uids = grown;
-        search->cap = cap;
-    }
-    search->uids[search->count++] = uid;
-    return 0;
-}
-
-/* Adds the UIDs of a sequence set ("1:3,5"); -EPROTO when it is none. */
-static int search_add_set(struct search_context *search, const struct imap_value *set)
-{
-    uint32_t *uids;
-    size_t count;
-
-    if ((set->kind != IMAP_VALUE_ATOM && set->kind != IMAP_VALUE_NUMBER) ||
-        imap_parse_uid_set(set->str, 1u << 26, &uids, &count) < 0)
-        return -EPROTO;
-    for (size_t i = 0; i < count; i++)
-        if (search_add(search, uids[i]) < 0) {
-            free(uids);
-            return -ENOMEM;
-        }
-    free(uids);
-    return 0;
-}
-
-/* "* VANISHED (EARLIER) 3:5,9": UIDs expunged since a CHANGEDSINCE.  A
- * VANISHED without EARLIER is news of now, not the answer: left to the
- * unsolicited handler. */
-static int vanished_add(struct search_context *vanished, const struct imap_response *response)
-{
-    if (response->status != IMAP_STATUS_NONE || response->count != 3 ||
-        !imap_value_is_atom(&response->items[0], "VANISHED") ||
-        response->items[1].kind != IMAP_VALUE_LIST || response->items[1].count != 1 ||
-        !imap_value_is_atom(&response->items[1].items[0], "EARLIER"))
-        return 0;
-    int ret = search_add_set(vanished, &response->items[2]);
-    return ret < 0 ? ret : 1;
-}
-
 static int search_handler(void *context, struct imap_response *response)
 {
     struct search_context *search = context;
@@ -1736,15 +1740,7 @@ int imap_search_all(struct imap_session *session, uint32_t **uids, size_t *count
     int esearch = imap_session_has_capability(session, "ESEARCH");
     int ret = simple_command_with(session, esearch ? "UID SEARCH RETURN (ALL) ALL" : "UID SEARCH ALL",
                                   search_handler, &search);
-    if (ret < 0) {
-        free(search.uids);
-        return ret;
-    }
-    if (search.count)
-        qsort(search.uids, search.count, sizeof(*search.uids), compare_u32);
-    *uids = search.uids;
-    *count = search.count;
-    return 0;
+    return search_finish(&search, ret, uids, count);
 }
 
 /* ---------------------------------------------------------------- quota */
@@ -1944,15 +1940,9 @@ int imap_uid_search(struct imap_session *session, const char *criteria, uint32_t
     if (ret == 0)
         ret = run_command(session, &cmd, search_handler, &search, NULL);
     free(cmd.buf);
-    if (ret < 0) {
-        free(search.uids);
-        return ret == -EIO && !session->broken ? -EINVAL : ret;
-    }
-    if (search.count)
-        qsort(search.uids, search.count, sizeof(*search.uids), compare_u32);
-    *uids = search.uids;
-    *count = search.count;
-    return 0;
+    if (ret == -EIO && !session->broken)
+        ret = -EINVAL; /* the server refused the criteria */
+    return search_finish(&search, ret, uids, count);
 }
 
 /* ---------------------------------------------------------------- ENVELOPE */

@@ -438,11 +438,8 @@ class LocalServer:
             if self.imap_port == self.imaps_port:
                 continue
             self._write_files()
-            self.proc = self._spawn()
-            self.pid = self.proc.pid
-            self._save_state()
             try:
-                self._wait_ready(timeout)
+                self._launch(timeout)
                 break
             except ServerError as e:
                 last_error = e
@@ -460,6 +457,13 @@ class LocalServer:
             self.stop()
             raise
         return self
+
+    def _launch(self, timeout):
+        """Run it from the files written, record its pid, wait until it answers."""
+        self.proc = self._spawn()
+        self.pid = self.proc.pid
+        self._save_state()
+        self._wait_ready(timeout)
 
     def _tail(self, n=20):
         text = ""
@@ -825,11 +829,8 @@ service imap-urlauth-login {{
         if self.dir is None or self.imaps_port is None or not os.path.exists(self.config_path):
             raise ServerError("restart(): this server was never started")
         self.stop()
-        self.proc = self._spawn()
-        self.pid = self.proc.pid
-        self._save_state()
         try:
-            self._wait_ready(timeout)
+            self._launch(timeout)
         except BaseException:
             self.stop()
             raise

@@ -913,6 +913,66 @@ def test_silent_notify_is_asked_again_when_the_poll_finds_a_change(rig):
     m.finish()
 
 
+VANISHED_ANSWERS = {
+    # what the server says vanished since the last HIGHESTMODSEQ, when 2 went
+    "right": b"* VANISHED (EARLIER) 2",
+    "short": b"* VANISHED (EARLIER) 9",          # misses 2: the count shows it
+    "malformed": b"* VANISHED (EARLIER) 2:abc",
+    "absurd": b"* VANISHED (EARLIER) 1:4294967296",
+}
+
+
+@pytest.mark.parametrize("answer", sorted(VANISHED_ANSWERS))
+def test_vanished_answers_to_a_resync(rig, answer):
+    """A QRESYNC server (the fake's ENABLE says ENABLED QRESYNC, its EXAMINE
+    gives a HIGHESTMODSEQ) from which 2.eml went: the resync's flags fetch
+    asks for VANISHED, and whatever the answer, the listing ends as the
+    server's.  A right answer is used as it is; one that misses the expunge
+    makes the count disagree and every UID is asked for; one that cannot be
+    read makes the folder listed in full."""
+    srv = rig.server(mailboxes=inbox(3), capabilities=("IMAP4rev1", "ENABLE", "CONDSTORE",
+                                                       "QRESYNC"))
+    modseq = {"n": 10}
+    srv.on("ENABLE", lambda conn, cmd: [b"* ENABLED QRESYNC" + CRLF, cmd.ok("enabled")])
+
+    def examine(conn, cmd):
+        answer_lines = conn.default(cmd)
+        return answer_lines[:-1] + [b"* OK [HIGHESTMODSEQ %d] modseq" % modseq["n"] + CRLF,
+                                    answer_lines[-1]]
+    srv.on("EXAMINE", examine)
+    srv.on("SELECT", examine)
+
+    def fetch(conn, cmd):
+        if b"VANISHED" not in cmd.args:
+            return None
+        return [VANISHED_ANSWERS[answer] + CRLF] + conn.default(cmd)
+    srv.on("UID FETCH", fetch)
+    m = rig.mounted(srv, options=["dir_cache_timeout=1", "poll_interval=3600"])
+    names, res = listing(m.path("INBOX"))
+    assert names and set(names) == {b".", b"..", b"1.eml", b"2.eml", b"3.eml"}, res
+
+    box = srv.mailbox(b"INBOX")
+    box.messages = [msg for msg in box.messages if msg.uid != 2]
+    modseq["n"] += 1
+    seen = len(srv.commands)
+    time.sleep(1.2)                             # the listing is now older than the timeout
+    names, res = listing(m.path("INBOX"))
+    assert names and set(names) == {b".", b"..", b"1.eml", b"3.eml"}, (answer, res)
+    later = [raw for _, _, _, raw in srv.commands[seen:]]
+    assert any(b"VANISHED" in raw for raw in later), f"no VANISHED fetch: {later}"
+    searched = any(b"UID SEARCH" in raw for raw in later)
+    full = any(b"UID FETCH 1:* (UID RFC822.SIZE" in raw for raw in later)
+    if answer == "right":
+        assert not searched and not full, later
+    elif answer == "short":
+        assert searched and not full, later
+    else:
+        assert full, later
+    m.check_alive(f"after a {answer} VANISHED")
+    assert_reads_right(m, srv, uids=(1, 3), what=f"read after a {answer} VANISHED")
+    m.finish()
+
+
 def test_bye_mid_listing(rig):
     srv = rig.server(mailboxes=inbox(3))
     hostile = Switch()
