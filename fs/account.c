@@ -361,12 +361,14 @@ int fs_account_start(struct fs_account *account)
         int ret = pthread_create(&account->writer_thread, NULL, writer_main, account);
         if (ret != 0)
             return -ret;
+        pthread_setname_np(account->writer_thread, "imapfs-diskwr");
         account->writer_running = 1;
     }
     for (int i = 0; i < READAHEAD_THREADS; i++) {
         int ret = pthread_create(&account->readahead_threads[i], NULL, readahead_main, account);
         if (ret != 0)
             return -ret;
+        pthread_setname_np(account->readahead_threads[i], "imapfs-readahd");
         account->readahead_running++;
     }
     return 0;

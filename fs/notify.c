@@ -129,6 +129,8 @@ int fs_notifier_start(struct fs_notifier *notifier, struct fuse_session *session
     int ret = pthread_create(&notifier->thread, NULL, notifier_main, notifier);
     if (ret != 0)
         notifier->running = 0;
+    else
+        pthread_setname_np(notifier->thread, "imapfs-notify");
     return -ret;
 }
 

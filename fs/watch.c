@@ -590,6 +590,7 @@ struct fs_watcher *fs_watcher_start(struct fs_account *account, unsigned poll_se
         free(watcher);
         return NULL;
     }
+    pthread_setname_np(watcher->thread, "imapfs-watcher");
     return watcher;
 }
 

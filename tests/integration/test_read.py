@@ -88,6 +88,16 @@ def test_mount_is_fuse_imapfs(mount):
     assert entry["fstype"] == "fuse.imapfs", entry
 
 
+def test_threads_are_named_for_what_they_do(mount):
+    """top -H and perf show which part of the daemon does the work."""
+    names = set()
+    for task in os.listdir(f"/proc/{mount.proc.pid}/task"):
+        with open(f"/proc/{mount.proc.pid}/task/{task}/comm") as f:
+            names.add(f.read().strip())
+    for name in ("imapfs-readahd", "imapfs-diskwr", "imapfs-watcher", "imapfs-notify"):
+        assert name in names, sorted(names)
+
+
 def test_fixture_shape_on_server(server_state):
     """Guards the rig: the account looks like the tests below assume."""
     names = {dec for _, _, _, dec in server_state["folders"]}
