@@ -396,12 +396,11 @@ static int tick_notify(struct fs_watcher *watcher, int poll_due, int list_due)
     free_watched(folders, count);
     if (moved < 0)
         return -EIO;
+    int refolded = in_use && list_due ? fs_account_load_folders(watcher->account) : 0;
     /* folders created, deleted or renamed that no push told of (one that
      * came during the poll and waits in pushed does not count) */
-    int refolded = in_use && list_due ? fs_account_load_folders(watcher->account) : 0;
-    if (watcher->pushed.folders)
-        refolded = 0;
-    if (poll_due == 2 && (moved > 0 || refolded > 0)) {
+    int missed_folders = refolded > 0 && !watcher->pushed.folders;
+    if (poll_due == 2 && (moved > 0 || missed_folders)) {
         log_info("NOTIFY missed a change the poll found; asking the server again");
         watcher->notifying = 0;
     }
