@@ -106,8 +106,7 @@ static void dir_attr(fuse_ino_t ino, struct stat *st)
     st->st_ino = ino;
     st->st_mode = S_IFDIR | 0500;
     st->st_nlink = 2;
-    st->st_uid = getuid();
-    st->st_gid = getgid();
+    fs_attr_owner(st);
 }
 
 /* Where the symlink of a hit points, relative to it.  malloc'd. */
@@ -146,8 +145,7 @@ static void link_attr(fuse_ino_t ino, size_t target_len, struct stat *st)
     st->st_ino = ino;
     st->st_mode = S_IFLNK | 0777;
     st->st_nlink = 1;
-    st->st_uid = getuid();
-    st->st_gid = getgid();
+    fs_attr_owner(st);
     st->st_size = (off_t)target_len;
 }
 
