@@ -217,7 +217,6 @@ static inline fuse_ino_t fs_ino_message(uint32_t folder_id, uint32_t uid)
 extern const struct fuse_lowlevel_ops fs_operations;
 
 /* Sets st_uid and st_gid to the mount's owner (read once, at INIT). */
-struct stat;
 void fs_attr_owner(struct stat *st);
 
 /* One directory listing reply being filled (readdir and readdirplus). */

@@ -21,10 +21,13 @@
 /* The FUSE device, read and written as libfuse would, but for one answer.
  * libfuse 3.14 takes ENODEV from a read as "unmounted" and stops quietly,
  * and any other error as a failure of the daemon.  When the unmount's
- * abort of the connection races with a read that has just found a request
- * (or an administrator aborts it through /sys/fs/fuse/connections), the
- * kernel answers ECONNABORTED instead: the connection is just as gone, so
- * it is read as ENODEV, and fusermount3 -u ends with status 0 every time. */
+ * abort of the connection races with a read that has just found a request,
+ * the kernel answers ECONNABORTED instead: the connection is just as gone,
+ * so it is read as ENODEV, and fusermount3 -u ends with status 0 every
+ * time.  (An administrator's abort through /sys/fs/fuse/connections reads
+ * as ENODEV already, since libfuse does not ask for FUSE_ABORT_ERROR;
+ * test_aborted_connection_ends_the_daemon_cleanly walks that path.  The race
+ * itself cannot be provoked on purpose.) */
 static ssize_t device_read(int fd, void *buf, size_t len, void *userdata)
 {
     (void)userdata;

@@ -98,6 +98,31 @@ def test_threads_are_named_for_what_they_do(mount):
         assert name in names, sorted(names)
 
 
+def test_aborted_connection_ends_the_daemon_cleanly(mounter):
+    """An administrator's abort (/sys/fs/fuse/connections/N/abort, what one
+    does to a mount that hangs) ends the daemon with status 0 and no word of
+    a failure.  As with any FUSE file system, the mount point then answers
+    ENOTCONN until fusermount3 -u, which must succeed."""
+    m = mounter()
+    assert os.listdir(m.mountpoint)
+    connections = "/sys/fs/fuse/connections"
+    if not os.listdir(connections):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", connections], check=True)
+    abort = os.path.join(connections, str(os.minor(os.stat(m.mountpoint).st_dev)), "abort")
+    with open(abort, "w") as f:
+        f.write("1")
+    try:
+        status = m.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"imapfs still running 10 s after the abort; log:\n{m.log()}")
+    assert status == 0, f"exit status {status}; log:\n{m.log()}"
+    assert "fuse:" not in m.log() and "error" not in m.log().lower(), m.log()
+    assert errno_of(os.listdir, m.mountpoint) == errno.ENOTCONN
+    r = fusermount_u(m.mountpoint)
+    assert r.returncode == 0, r.stdout
+    assert not is_mounted(m.mountpoint)
+
+
 def test_fixture_shape_on_server(server_state):
     """Guards the rig: the account looks like the tests below assume."""
     names = {dec for _, _, _, dec in server_state["folders"]}
