@@ -603,7 +603,8 @@ class TestServer(LocalServer):
 
     def __init__(self, directory=None, host="127.0.0.1", capabilities=None,
                  separator="/", prefix="", fixture_dir=FIXTURE_DIR, seed=True,
-                 tied_to_parent=False, oauth_introspection_url=None, quota_storage_kib=None):
+                 tied_to_parent=False, oauth_introspection_url=None, quota_storage_kib=None,
+                 list_index=True):
         """tied_to_parent: stop Dovecot when this process dies (for pytest);
         scripts/test-server start leaves it running, so it does not.
 
@@ -615,20 +616,32 @@ class TestServer(LocalServer):
 
         quota_storage_kib: enable Dovecot's quota plugin (count driver) with a
         STORAGE limit of that many KiB, and the QUOTA extension (GETQUOTAROOT)
-        in IMAP.  None (the default): no quota."""
+        in IMAP.  None (the default): no quota.
+
+        list_index=False: Dovecot without its mailbox list index, so LIST reads
+        the Maildir itself (and NOTIFY, which needs the index, is neither
+        offered nor accepted).  Dovecot 2.3.19's NOTIFY can corrupt that index
+        while another client renames folders: it logs "Corrupted mailbox list
+        index", imap processes die of SIGSEGV, and from then on every
+        session's LIST answers from a stale tree -- the checker's and the
+        mount's alike.  Seen in test_write, which renames folders again and
+        again with a NOTIFY watcher running; a NOTIFY session that sends NOOP
+        while another session renames reproduces it every time."""
         super().__init__(directory, host, capabilities, separator, prefix, fixture_dir, seed,
                          tied_to_parent)
         self.oauth_introspection_url = oauth_introspection_url
         self.quota_storage_kib = quota_storage_kib
+        self.list_index = list_index
 
     def _state_extra(self):
         return dict(oauth_introspection_url=self.oauth_introspection_url,
-                    quota_storage_kib=self.quota_storage_kib)
+                    quota_storage_kib=self.quota_storage_kib, list_index=self.list_index)
 
     @classmethod
     def _init_kwargs(cls, state):
         return dict(oauth_introspection_url=state.get("oauth_introspection_url"),
-                    quota_storage_kib=state.get("quota_storage_kib"))
+                    quota_storage_kib=state.get("quota_storage_kib"),
+                    list_index=state.get("list_index", True))
 
     def _check_available(self):
         if not os.path.exists(DOVECOT):
@@ -772,6 +785,7 @@ mail_gid = {mail_group}
 first_valid_uid = 1
 first_valid_gid = 1
 mail_location = maildir:~/Maildir:LAYOUT=fs
+mailbox_list_index = {'yes' if self.list_index else 'no'}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.path('users')}
