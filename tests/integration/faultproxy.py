@@ -151,6 +151,7 @@ class _Pair:
                         if data:
                             dest.sendall(data)
                             self.forwarded[direction] += len(data)
+                            p.last_forwarded = time.monotonic()
                     except OSError:
                         self.close()
                         break
@@ -173,6 +174,7 @@ class FaultProxy:
         self.port = None
         self.connections_total = 0
         self.cuts = 0
+        self.last_forwarded = time.monotonic()  # when any pair last passed bytes on
         self._pairs = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -314,6 +316,16 @@ class FaultProxy:
 
     def stall(self):
         self._stalled.set()
+
+    def wait_quiet(self, quiet=1.0, within=20.0):
+        """Returns once no bytes have passed, either way, for quiet seconds:
+        what the client had under way is over."""
+        deadline = time.monotonic() + within
+        while time.monotonic() - self.last_forwarded < quiet:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the connections through the proxy never went quiet "
+                                     f"for {quiet}s within {within}s")
+            time.sleep(0.05)
 
     def blackhole_existing(self):
         """What a NAT box does when it forgets idle connections: the current

@@ -196,10 +196,11 @@ def test_connections_forgotten_by_nat(mounter, proxy, expected, idle_timeout):
     uids = sorted(expected["INBOX"])
     assert_cat_right(m, expected, "INBOX", uids[0], "before the idle spell")
     # The watcher's first poll lists the folders on a pooled connection right
-    # after it starts.  Under ASan that can come after the read above; if it
+    # after it starts.  Under ASan that can come after the read above; had it
     # met the black hole it would time out and leave the pool empty, and the
-    # control's read would open a new connection at once.  Let it finish.
-    time.sleep(2)
+    # control's read would open a new connection at once.  So the black hole
+    # comes only once the mount's traffic is over.
+    proxy.wait_quiet()
     proxy.blackhole_existing()
     time.sleep(6)       # idle longer than idle_timeout, plus the watcher's tick
     t = time.monotonic()
