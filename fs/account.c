@@ -639,17 +639,23 @@ void fs_account_prune_idle(struct fs_account *account, double max_idle)
 
 static void session_release(struct fs_account *account, struct imap_session *session)
 {
+    int broken = imap_session_broken(session);
+
     pthread_mutex_lock(&account->pool_lock);
-    if (imap_session_broken(session)) {
+    if (broken)
         account->open_count--;
-        pthread_mutex_unlock(&account->pool_lock);
-        imap_session_close(session);
-        pthread_mutex_lock(&account->pool_lock);
-    } else {
+    else
         account->idle[account->idle_count++] = session;
-    }
     pthread_cond_signal(&account->pool_changed);
     pthread_mutex_unlock(&account->pool_lock);
+    if (broken) {
+        imap_session_close(session);
+        /* A connection died.  Those quiet at least as long as a request
+         * waits before it calls one dead may have died with it unnoticed (a
+         * NAT box forgets them all at once): the retry must not meet them
+         * one after another, waiting out the timeout on each. */
+        fs_account_prune_idle(account, account->config.timeout);
+    }
 }
 
 /* ---------------------------------------------------------------- folders */

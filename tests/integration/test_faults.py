@@ -17,6 +17,7 @@ work again, allowing for imapfs's reconnect backoff of at most 10 s).
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -183,7 +184,8 @@ def test_connections_forgotten_by_nat(mounter, proxy, expected, idle_timeout):
     idle_timeout=3 the mount closes pooled connections unused that long, so a
     read after the idle spell goes out on a new connection at once.  The
     control (default idle_timeout, 240 s) shows what that prevents: the read
-    meets a dead connection and waits out the timeout before its retry.  The
+    meets a dead connection and waits out the timeout before its retry, which
+    goes out on a new connection, not on the other one as long forgotten.  The
     watcher's poll is turned down: its folder-list poll goes out on a pooled
     connection, and had it met the dead one first, the control's read would
     have found the pool empty and opened a new connection at once."""
@@ -193,14 +195,34 @@ def test_connections_forgotten_by_nat(mounter, proxy, expected, idle_timeout):
     if idle_timeout:
         options.append(f"idle_timeout={idle_timeout}")
     m = mounter(url=mounter.url(port=proxy.port), options=options)
-    uids = sorted(expected["INBOX"])
-    assert_cat_right(m, expected, "INBOX", uids[0], "before the idle spell")
+    # Two reads at once, held back by the proxy so that they overlap: the pool
+    # then holds two connections, and the NAT box forgets both.
+    failed = []
+
+    def read_first(folder):
+        try:
+            assert_cat_right(m, expected, folder, sorted(expected[folder])[0],
+                             "before the idle spell")
+        except AssertionError as e:
+            failed.append(str(e))
+
+    proxy.stall()
+    readers = [threading.Thread(target=read_first, args=(folder,))
+               for folder in ("INBOX", "Archive/2024")]
+    for reader in readers:
+        reader.start()
+    time.sleep(1)
+    proxy.resume()
+    for reader in readers:
+        reader.join()
+    assert not failed, failed
     # The watcher's first poll lists the folders on a pooled connection right
-    # after it starts.  Under ASan that can come after the read above; had it
+    # after it starts.  Under ASan that can come after the reads above; had it
     # met the black hole it would time out and leave the pool empty, and the
     # control's read would open a new connection at once.  So the black hole
     # comes only once the mount's traffic is over.
     proxy.wait_quiet()
+    assert proxy.connections_open() >= 3, "the pool should hold two connections, the watcher one"
     proxy.blackhole_existing()
     time.sleep(6)       # idle longer than idle_timeout, plus the watcher's tick
     t = time.monotonic()
