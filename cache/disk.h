@@ -7,6 +7,7 @@
  *   DIR/m/HASH/name                the mailbox name (HASH = FNV-1a of it)
  *   DIR/m/HASH/listing             the UID table, UIDVALIDITY, HIGHESTMODSEQ
  *   DIR/m/HASH/UIDVALIDITY/UID     one message body
+ *   DIR/m/HASH/UIDVALIDITY/pXXXX   a pack: bodies saved together (16 hex digits)
  *   DIR/folders                    the last LIST
  *   DIR/tmp/                       files being written (emptied at open)
  *   DIR/lock                       flock'd while open: one process per DIR
@@ -49,6 +50,18 @@ int cache_disk_body_load(struct cache_disk *disk, const char *mailbox, uint32_t 
  * the same mailbox ran at the same time (the drop wins). */
 int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
                          uint32_t uid, const char *data, size_t len);
+/* Saves several bodies of one mailbox and UIDVALIDITY as one pack file:
+ * one file to create instead of count, which is most of what writing a
+ * scan's bodies costs.  The pack is evicted as a whole.  One body, or more
+ * than a pack holds, is saved as cache_disk_body_save does.  0, or the
+ * first -errno (-EINVAL: a uid 0). */
+struct cache_disk_item {
+    uint32_t uid;
+    const char *data;
+    size_t len;
+};
+int cache_disk_bodies_save(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
+                           const struct cache_disk_item *items, size_t count);
 /* Nonzero if the body is on disk (no check of its contents; the mailbox
  * directory's name file is checked, as for a load). */
 int cache_disk_body_present(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,

@@ -49,9 +49,16 @@ struct readahead_request {
 struct disk_job {
     struct cache_body *body;        /* referenced */
     char *mailbox;
+    double queued_at;               /* monotonic seconds */
     struct disk_job *next;
 };
 #define WRITER_MAX_BYTES (64u << 20)
+/* The writer saves a scan's bodies as packs (see cache/disk.c): it waits
+ * up to PACK_WAIT seconds after a body is queued for more of its folder,
+ * and writes at once when a pack's worth is queued. */
+#define PACK_MESSAGES 256
+#define PACK_BYTES (4u << 20)
+#define PACK_WAIT 0.05
 
 struct inflight {
     struct { uint32_t folder_id, uid; } key;
@@ -105,6 +112,7 @@ struct fs_account {
     struct disk_job *writer_queue;  /* protected by writer_lock; oldest first */
     struct disk_job *writer_tail;   /* protected by writer_lock */
     uint64_t writer_bytes;          /* protected by writer_lock */
+    size_t writer_count;            /* protected by writer_lock */
     int writer_stop;                /* protected by writer_lock */
     int offline;                    /* mounted from the disk cache without a server;
                                        protected by pool_lock; cleared at the first login */
@@ -189,7 +197,11 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     pthread_mutex_init(&account->readahead_lock, NULL);
     pthread_mutex_init(&account->quota_lock, NULL);
     pthread_mutex_init(&account->writer_lock, NULL);
-    pthread_cond_init(&account->writer_wake, NULL);
+    pthread_condattr_t monotonic;
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+    pthread_cond_init(&account->writer_wake, &monotonic);
+    pthread_condattr_destroy(&monotonic);
     pthread_cond_init(&account->readahead_wake, NULL);
     pthread_mutex_init(&account->stream_lock, NULL);
     pthread_cond_init(&account->stream_grew, NULL);
@@ -294,30 +306,76 @@ void fs_account_free(struct fs_account *account)
     free(account);
 }
 
+/* Takes from the queue the oldest job and those after it of the same
+ * mailbox and UIDVALIDITY, up to a pack's worth, in queue order.  Caller
+ * holds writer_lock. */
+static size_t writer_take(struct fs_account *account, struct disk_job **taken)
+{
+    struct disk_job *first = account->writer_queue, **link = &account->writer_queue;
+    struct disk_job *last = NULL;
+    size_t n = 0;
+    uint64_t bytes = 0;
+
+    account->writer_tail = NULL;
+    while (*link) {
+        struct disk_job *job = *link;
+        if (n < PACK_MESSAGES && (n == 0 || bytes + job->body->len <= PACK_BYTES) &&
+            job->body->uidvalidity == first->body->uidvalidity &&
+            strcmp(job->mailbox, first->mailbox) == 0) {
+            *link = job->next;
+            taken[n++] = job;
+            bytes += job->body->len;
+        } else {
+            last = job;
+            link = &job->next;
+        }
+    }
+    account->writer_tail = last;
+    return n;
+}
+
 static void *writer_main(void *arg)
 {
     struct fs_account *account = arg;
+    struct disk_job *taken[PACK_MESSAGES];
+    struct cache_disk_item items[PACK_MESSAGES];
 
     pthread_mutex_lock(&account->writer_lock);
     for (;;) {
         while (!account->writer_queue && !account->writer_stop)
             pthread_cond_wait(&account->writer_wake, &account->writer_lock);
-        struct disk_job *job = account->writer_queue;
-        if (!job)
-            break; /* stopping, and nothing left */
-        account->writer_queue = job->next;
         if (!account->writer_queue)
-            account->writer_tail = NULL;
+            break; /* stopping, and nothing left */
+        /* a scan's next bodies are on their way: one file for all of them */
+        while (!account->writer_stop && account->writer_count < PACK_MESSAGES &&
+               account->writer_bytes < PACK_BYTES) {
+            double until = account->writer_queue->queued_at + PACK_WAIT;
+            if (now_monotonic() >= until)
+                break;
+            struct timespec deadline = {.tv_sec = (time_t)until,
+                                        .tv_nsec = (long)((until - (double)(time_t)until) * 1e9)};
+            pthread_cond_timedwait(&account->writer_wake, &account->writer_lock, &deadline);
+        }
+        size_t n = writer_take(account, taken);
         pthread_mutex_unlock(&account->writer_lock);
-        cache_disk_body_save(account->disk, job->mailbox, job->body->uidvalidity, job->body->uid,
-                             job->body->data, job->body->len);
+
+        uint64_t bytes = 0;
+        for (size_t i = 0; i < n; i++) {
+            items[i].uid = taken[i]->body->uid;
+            items[i].data = taken[i]->body->data;
+            items[i].len = taken[i]->body->len;
+            bytes += taken[i]->body->len;
+        }
+        cache_disk_bodies_save(account->disk, taken[0]->mailbox, taken[0]->body->uidvalidity,
+                               items, n);
+        for (size_t i = 0; i < n; i++) {
+            cache_body_release(account->bodies, taken[i]->body);
+            free(taken[i]->mailbox);
+            free(taken[i]);
+        }
         pthread_mutex_lock(&account->writer_lock);
-        account->writer_bytes -= job->body->len;
-        pthread_mutex_unlock(&account->writer_lock);
-        cache_body_release(account->bodies, job->body);
-        free(job->mailbox);
-        free(job);
-        pthread_mutex_lock(&account->writer_lock);
+        account->writer_bytes -= bytes;
+        account->writer_count -= n;
     }
     pthread_mutex_unlock(&account->writer_lock);
     return NULL;
@@ -344,14 +402,21 @@ static void disk_save_later(struct fs_account *account, const char *mailbox, uin
         free(job);
         return;
     }
+    job->queued_at = now_monotonic();
     pthread_mutex_lock(&account->writer_lock);
+    int was_empty = !account->writer_queue;
     account->writer_bytes += job->body->len;
+    account->writer_count++;
     if (account->writer_tail)
         account->writer_tail->next = job;
     else
         account->writer_queue = job;
     account->writer_tail = job;
-    pthread_cond_signal(&account->writer_wake);
+    /* The writer waits for the first job, then for a pack's worth or its
+     * deadline: waking it for every body would cost a switch each. */
+    if (was_empty || account->writer_count == PACK_MESSAGES ||
+        (account->writer_bytes - job->body->len < PACK_BYTES && account->writer_bytes >= PACK_BYTES))
+        pthread_cond_signal(&account->writer_wake);
     pthread_mutex_unlock(&account->writer_lock);
 }
 

@@ -120,8 +120,54 @@ def mailbox_dir(cache_dir, mailbox):
     return found[0]
 
 
-def body_file(cache_dir, mailbox, uidvalidity, uid):
-    return os.path.join(mailbox_dir(cache_dir, mailbox), str(uidvalidity), str(uid))
+PACK_NAME = re.compile(r"p[0-9a-f]{16}$")
+
+
+def pack_toc(path):
+    """[(uid, offset, length)] of a pack file, read by the format cache/disk.c
+    documents: a 32-byte header, then u64 count and count times (u32 uid,
+    u32 length, u64 checksum), then the bodies in that order."""
+    data = read_bytes(path)
+    assert data[:4] == b"IMFS" and int.from_bytes(data[8:12], "little") == 5, path
+    toc_len = int.from_bytes(data[16:24], "little")
+    count = int.from_bytes(data[32:40], "little")
+    offset = 32 + toc_len
+    items = []
+    for i in range(count):
+        entry = data[40 + 16 * i:56 + 16 * i]
+        uid, length = int.from_bytes(entry[:4], "little"), int.from_bytes(entry[4:8], "little")
+        items.append((uid, offset, length))
+        offset += length
+    return items
+
+
+def body_place(cache_dir, mailbox, uidvalidity, uid):
+    """(path, offset, length) of the bytes of body uid on disk: a file of
+    its own (after its 32-byte header) or a place in a pack; None if
+    neither."""
+    directory = os.path.join(mailbox_dir(cache_dir, mailbox), str(uidvalidity))
+    own = os.path.join(directory, str(uid))
+    if os.path.exists(own):
+        return own, 32, os.path.getsize(own) - 32
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if PACK_NAME.match(name):
+            for item_uid, offset, length in pack_toc(os.path.join(directory, name)):
+                if item_uid == uid:
+                    return os.path.join(directory, name), offset, length
+    return None
+
+
+def body_on_disk(cache_dir, mailbox, uidvalidity, uid):
+    """The bytes of body uid as the cache holds them, or None."""
+    place = body_place(cache_dir, mailbox, uidvalidity, uid)
+    if place is None:
+        return None
+    path, offset, length = place
+    return read_bytes(path)[offset:offset + length]
+
+
+def is_body_file(path):
+    return path.is_file() and (path.name.isdigit() or PACK_NAME.match(path.name) is not None)
 
 
 def check_modes(top):
@@ -180,9 +226,9 @@ def test_default_cache_dir_modes_and_bodies_on_disk_after_unmount(mounter, cache
     assert cache_dir.is_dir(), f"no default cache dir; {xdg} holds {list(xdg.rglob('*'))}"
     check_modes(str(top))
     for rel, (folder, uidvalidity, uid, body) in expected.items():
-        path = body_file(str(cache_dir), folder, uidvalidity, uid)
-        assert os.path.exists(path), f"{rel}: no body file {path} after the unmount"
-        assert body in read_bytes(path), f"{rel}: {path} does not hold the message"
+        on_disk = body_on_disk(str(cache_dir), folder, uidvalidity, uid)
+        assert on_disk is not None, f"{rel}: UID {uid} not on disk after the unmount"
+        assert on_disk == body, f"{rel}: the cache does not hold the message"
 
 
 def test_cache_dir_none_writes_nothing(mounter, cache_server, tmp_path):
@@ -310,7 +356,7 @@ def test_cache_max_bounds_the_bodies(mounter, cache_server, tmp_path):
     for uid, body in bodies.items():
         assert read_bytes(os.path.join(folder, f"{uid}.eml")) == body, uid
     unmount_timed(m)
-    body_files = [p for p in cache_dir.rglob("*") if p.is_file() and p.name.isdigit()]
+    body_files = [p for p in cache_dir.rglob("*") if is_body_file(p)]
     total = sum(p.stat().st_size for p in body_files)
     assert body_files, "no bodies kept at all with cache_max=64K"
     assert total <= 64 * 1024, f"{len(body_files)} body files take {total} bytes > cache_max 64K"
@@ -335,13 +381,13 @@ def test_torn_body_is_fetched_again(damage, mounter, cache_server, tmp_path):
     assert read_bytes(m1.message_path("INBOX", "/", uid)) == body
     unmount_timed(m1)
 
-    path = body_file(cache_dir, "INBOX", uidvalidity, uid)
+    path, offset, length = body_place(cache_dir, "INBOX", uidvalidity, uid)
     data = read_bytes(path)
-    assert body in data
+    assert data[offset:offset + length] == body
     if damage == "truncated":
         torn = data[:-5]
     else:
-        i = len(data) - len(body) // 2
+        i = offset + length // 2
         torn = data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1:]
     with open(path, "r+b") as f:
         f.truncate(0)
@@ -356,7 +402,7 @@ def test_torn_body_is_fetched_again(damage, mounter, cache_server, tmp_path):
         f"UID {uid} not fetched again after its cache file was {damage}: {fetches}"
     unmount_timed(m2)
     # what is on disk now is whole again
-    assert body in read_bytes(body_file(cache_dir, "INBOX", uidvalidity, uid))
+    assert body_on_disk(cache_dir, "INBOX", uidvalidity, uid) == body
 
 
 def test_offline_mount_from_cache_then_live_again(mounter, own_server, tmp_path):
@@ -493,3 +539,13 @@ def test_scanned_messages_are_read_from_pages_the_daemon_stored(mounter, own_ser
         if round_ == "loaded from the disk cache":
             assert not fetched, f"bodies fetched again although on disk: {fetched}"
         unmount_timed(m)
+        if round_ == "fetched from the server":
+            # a scan's bodies are written as a few pack files, not one file each
+            with srv.checker() as c:
+                uidvalidity = c.uidvalidity("scan")
+            files = os.listdir(os.path.join(mailbox_dir(cache_dir, "scan"), str(uidvalidity)))
+            assert len(files) <= SCAN_MESSAGES // 30, \
+                f"{len(files)} files for {SCAN_MESSAGES} bodies scanned: {sorted(files)[:10]}"
+            wrong = [uid for uid, body in expected.items()
+                     if body_on_disk(cache_dir, "scan", uidvalidity, uid) != body]
+            assert not wrong, f"bodies not on disk, or wrong, after the unmount: {wrong[:10]}"

@@ -10,6 +10,7 @@
 #include "cache/disk.h"
 #include "tests/unit/check.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -1002,6 +1003,337 @@ static void test_hash_collision(void)
     cache_disk_close(disk);
 }
 
+/* ------------------------------------------------------------- packs */
+
+/* The one pack file in DIR/m/HASH(mailbox)/uidvalidity, into path; false if
+ * there is not exactly one, or anything else is there. */
+static bool only_pack(char *path, size_t size, const char *dir, const char *mailbox,
+                      uint32_t uidvalidity)
+{
+    char sub[200];
+    snprintf(sub, sizeof sub, "%s/m/%016" PRIx64 "/%" PRIu32, dir, fnv1a(mailbox), uidvalidity);
+    DIR *d = opendir(sub);
+    if (!d)
+        return false;
+    int packs = 0, others = 0;
+    struct dirent *entry;
+    while ((entry = readdir(d))) {
+        if (entry->d_name[0] == '.')
+            continue;
+        if (entry->d_name[0] == 'p' && strlen(entry->d_name) == 17) {
+            packs++;
+            snprintf(path, size, "%s/%s", sub, entry->d_name);
+        } else {
+            others++;
+        }
+    }
+    closedir(d);
+    return packs == 1 && others == 0;
+}
+
+static uint64_t get_le(const unsigned char *p, int bytes)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < bytes; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+static unsigned char *read_whole(const char *path, size_t *len)
+{
+    FILE *file = fopen(path, "rb");
+    if (!file)
+        return NULL;
+    fseek(file, 0, SEEK_END);
+    long n = ftell(file);
+    fseek(file, 0, SEEK_SET);
+    unsigned char *data = malloc((size_t)n + 1);
+    if (data && fread(data, 1, (size_t)n, file) != (size_t)n) {
+        free(data);
+        data = NULL;
+    }
+    fclose(file);
+    *len = (size_t)n;
+    return data;
+}
+
+static void test_pack_round_trip(void)
+{
+    const char *dir = fresh_dir();
+    struct cache_disk *disk = open_ok(dir, 1 << 20);
+    CHECK(disk != NULL);
+    if (!disk)
+        return;
+    /* Out of UID order, with NUL bytes, and one empty body. */
+    char *b5 = make_body(3000, 5), *b9 = make_body(70, 9);
+    struct cache_disk_item items[] = {{5, b5, 3000}, {3, "", 0}, {9, b9, 70}};
+    CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items, 3), 0);
+
+    char *data;
+    size_t len;
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 5, &data, &len), 0);
+    CHECK(body_matches(data, len, 3000, 5));
+    free(data);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 3, &data, &len), 0);
+    CHECK(len == 0 && data[0] == '\0');
+    free(data);
+    CHECK(cache_disk_body_present(disk, "INBOX", 7, 9));
+    CHECK(!cache_disk_body_present(disk, "INBOX", 7, 4));
+    CHECK(!cache_disk_body_present(disk, "INBOX", 8, 5));
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 4, &data, &len), -ENOENT);
+
+    /* One file, in the documented format: header (kind 5) over the table of
+     * contents, then the bodies in its order. */
+    char path[256];
+    CHECK(only_pack(path, sizeof path, dir, "INBOX", 7));
+    size_t size;
+    unsigned char *file = read_whole(path, &size);
+    CHECK(file != NULL);
+    size_t toc_len = 8 + 3 * 16;
+    CHECK_EQ_INT(size, 32 + toc_len + 3070);
+    if (file && size == 32 + toc_len + 3070) {
+        CHECK(memcmp(file, "IMFS", 4) == 0);
+        CHECK_EQ_INT(get_le(file + 8, 4), 5);
+        CHECK_EQ_INT(get_le(file + 16, 8), toc_len);
+        CHECK(get_le(file + 24, 8) == format_checksum(file + 32, toc_len));
+        CHECK_EQ_INT(get_le(file + 32, 8), 3);
+        const unsigned char *toc = file + 40;
+        CHECK_EQ_INT(get_le(toc, 4), 5);
+        CHECK_EQ_INT(get_le(toc + 4, 4), 3000);
+        CHECK(get_le(toc + 8, 8) == format_checksum(b5, 3000));
+        CHECK_EQ_INT(get_le(toc + 16, 4), 3);
+        CHECK_EQ_INT(get_le(toc + 32, 4), 9);
+        CHECK(memcmp(file + 32 + toc_len, b5, 3000) == 0);
+        CHECK(memcmp(file + 32 + toc_len + 3000, b9, 70) == 0);
+    }
+    free(file);
+    CHECK_EQ_INT(cache_disk_usage(disk), 32 + toc_len + 3070);
+
+    /* A new open finds the bodies from the table of contents, and counts
+     * the pack. */
+    cache_disk_close(disk);
+    disk = open_ok(dir, 1 << 20);
+    CHECK(disk != NULL);
+    if (!disk)
+        return;
+    CHECK_EQ_INT(cache_disk_usage(disk), 32 + toc_len + 3070);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 9, &data, &len), 0);
+    CHECK(body_matches(data, len, 70, 9));
+    free(data);
+    CHECK(!cache_disk_body_present(disk, "Other", 7, 9));
+
+    /* One item is a plain body file; a uid 0 is refused with nothing kept. */
+    CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items + 2, 1), 0);
+    body_path(path, sizeof path, dir, "INBOX", 7, 9);
+    CHECK(exists(path));
+    struct cache_disk_item zero[] = {{1, "a", 1}, {0, "b", 1}};
+    CHECK_EQ_INT(cache_disk_bodies_save(disk, "Sent", 7, zero, 2), -EINVAL);
+    CHECK(!cache_disk_body_present(disk, "Sent", 7, 1));
+    CHECK_EQ_INT(cache_disk_usage(disk), bytes_on_disk(dir));
+    cache_disk_close(disk);
+    free(b5);
+    free(b9);
+}
+
+/* Saves a pack of three 2000-byte bodies (uids 1-3) in INBOX/7, damages it
+ * with damage(path) with the cache closed, reopens, and checks that no body
+ * of it is served and that it is gone and uncounted. */
+static void check_damaged_pack(void (*damage)(const char *path), bool damages_toc)
+{
+    const char *dir = fresh_dir();
+    struct cache_disk *disk = open_ok(dir, 1 << 20);
+    CHECK(disk != NULL);
+    if (!disk)
+        return;
+    char *bodies[3];
+    struct cache_disk_item items[3];
+    for (int i = 0; i < 3; i++) {
+        bodies[i] = make_body(2000, 20 + (unsigned)i);
+        items[i] = (struct cache_disk_item){(uint32_t)i + 1, bodies[i], 2000};
+    }
+    CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items, 3), 0);
+    cache_disk_close(disk);
+    char path[256];
+    CHECK(only_pack(path, sizeof path, dir, "INBOX", 7));
+    damage(path);
+
+    disk = open_ok(dir, 1 << 20);
+    CHECK(disk != NULL);
+    if (!disk)
+        return;
+    char *data;
+    size_t len;
+    /* The damage is in body 2 when it is not in the table of contents:
+     * body 1 may still be served, whole; body 2 never. */
+    int r1 = cache_disk_body_load(disk, "INBOX", 7, 1, &data, &len);
+    if (r1 == 0) {
+        CHECK(!damages_toc);
+        CHECK(body_matches(data, len, 2000, 20));
+        free(data);
+    } else {
+        CHECK_EQ_INT(r1, -ENOENT);
+    }
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 2, &data, &len), -ENOENT);
+    CHECK(!exists(path));
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 3, &data, &len), -ENOENT);
+    CHECK_EQ_INT(cache_disk_usage(disk), 0);
+    CHECK_EQ_INT(bytes_on_disk(dir), 0);
+    /* and it can be saved again */
+    CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items, 3), 0);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 2, &data, &len), 0);
+    CHECK(body_matches(data, len, 2000, 21));
+    free(data);
+    cache_disk_close(disk);
+    for (int i = 0; i < 3; i++)
+        free(bodies[i]);
+}
+
+static void cut_tail(const char *path)
+{
+    CHECK_EQ_INT(truncate(path, file_size(path) - 5), 0);
+}
+
+static void flip_in_second_body(const char *path)
+{
+    flip_byte(path, 32 + 8 + 3 * 16 + 2000 + 1000);
+}
+
+static void flip_in_toc(const char *path)
+{
+    flip_byte(path, 32 + 8 + 16 + 4);   /* body 2's length */
+}
+
+static void zero_the_end(const char *path)
+{
+    /* a crash after the rename, before the last blocks reached the disk */
+    int fd = open(path, O_WRONLY);
+    char zeroes[2500] = {0};
+    CHECK(fd >= 0 && pwrite(fd, zeroes, sizeof zeroes, file_size(path) - 2500) == 2500);
+    close(fd);
+}
+
+static void test_damaged_packs(void)
+{
+    check_damaged_pack(cut_tail, true);
+    check_damaged_pack(flip_in_second_body, false);
+    check_damaged_pack(flip_in_toc, true);
+    check_damaged_pack(zero_the_end, false);
+
+    /* A symlink named like a pack is never followed, and goes. */
+    const char *dir = fresh_dir();
+    struct cache_disk *disk = open_ok(dir, 1 << 20);
+    CHECK(disk != NULL);
+    if (!disk)
+        return;
+    CHECK_EQ_INT(cache_disk_body_save(disk, "INBOX", 7, 1, "x", 1), 0);
+    char path[256], target[200];
+    snprintf(target, sizeof target, "%s/outside-pack", base);
+    struct cache_disk_item items[] = {{2, "two", 3}, {3, "three", 5}};
+    write_crafted(target, 5, "", 0);
+    mailbox_path(path, sizeof path, dir, "INBOX");
+    strcat(path, "/7/p0123456789abcdef");
+    CHECK_EQ_INT(symlink(target, path), 0);
+    char *data;
+    size_t len;
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 2, &data, &len), -ENOENT);
+    CHECK(!exists(path));
+    CHECK(exists(target));
+    CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items, 2), 0);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 3, &data, &len), 0);
+    CHECK(len == 5 && memcmp(data, "three", 5) == 0);
+    free(data);
+    CHECK_EQ_INT(cache_disk_usage(disk), bytes_on_disk(dir));
+    cache_disk_close(disk);
+}
+
+static void test_pack_eviction_and_drop(void)
+{
+    const char *dir = fresh_dir();
+    /* Packs of two 500-byte bodies take 32 + 8 + 32 + 1000 = 1072 bytes;
+     * four fit under 5200, a fifth does not, and eviction goes down to
+     * 4160: two packs go. */
+    struct cache_disk *disk = open_ok(dir, 5200);
+    CHECK(disk != NULL);
+    if (!disk)
+        return;
+    char *body = make_body(500, 3);
+    time_t now = time(NULL);
+    char paths[5][512];
+    for (uint32_t pack = 0; pack < 4; pack++) {
+        struct cache_disk_item items[] = {{10 * pack + 1, body, 500}, {10 * pack + 2, body, 500}};
+        CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items, 2), 0);
+    }
+    /* Name each pack by what it holds, and age them: pack 0 oldest. */
+    char sub[200];
+    snprintf(sub, sizeof sub, "%s/m/%016" PRIx64 "/7", dir, fnv1a("INBOX"));
+    DIR *d = opendir(sub);
+    struct dirent *entry;
+    int found = 0;
+    while (d && (entry = readdir(d))) {
+        if (entry->d_name[0] != 'p')
+            continue;
+        char path[512];
+        snprintf(path, sizeof path, "%s/%s", sub, entry->d_name);
+        size_t size;
+        unsigned char *file = read_whole(path, &size);
+        if (!file)
+            continue;
+        uint32_t first = (uint32_t)get_le(file + 40, 4);
+        free(file);
+        snprintf(paths[first / 10], sizeof paths[0], "%s", path);
+        set_mtime(path, now - 1000 + first);
+        found++;
+    }
+    if (d)
+        closedir(d);
+    CHECK_EQ_INT(found, 4);
+    CHECK_EQ_INT(cache_disk_usage(disk), 4 * 1072);
+
+    /* Reading a body of the oldest makes its whole pack the newest. */
+    char *data;
+    size_t len;
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 2, &data, &len), 0);
+    free(data);
+    struct cache_disk_item items[] = {{41, body, 500}, {42, body, 500}};
+    CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items, 2), 0);
+    CHECK(cache_disk_body_present(disk, "INBOX", 7, 1));
+    CHECK(!cache_disk_body_present(disk, "INBOX", 7, 11));
+    CHECK(!cache_disk_body_present(disk, "INBOX", 7, 12));
+    CHECK(!cache_disk_body_present(disk, "INBOX", 7, 22));
+    CHECK(!exists(paths[1]) && !exists(paths[2]));
+    CHECK(exists(paths[0]) && exists(paths[3]));
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 21, &data, &len), -ENOENT);
+    CHECK(cache_disk_body_present(disk, "INBOX", 7, 32));
+    CHECK(cache_disk_body_present(disk, "INBOX", 7, 41));
+    CHECK_EQ_INT(cache_disk_usage(disk), 3 * 1072);
+    CHECK_EQ_INT(bytes_on_disk(dir), 3 * 1072);
+
+    /* A pack that would not fit under 80 % of the limit is saved body by
+     * body, each kept or not by the rule for one body. */
+    char *big = make_body(2500, 4);
+    struct cache_disk_item large[] = {{50, big, 2500}, {51, big, 2500}};
+    CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, large, 2), 0);
+    CHECK(cache_disk_body_present(disk, "INBOX", 7, 51));
+    body_path(sub, sizeof sub, dir, "INBOX", 7, 51);
+    CHECK(exists(sub));
+    CHECK(cache_disk_usage(disk) <= 5200);
+    CHECK_EQ_INT(cache_disk_usage(disk), bytes_on_disk(dir));
+    free(big);
+
+    /* A drop forgets the packs with the directory. */
+    cache_disk_drop_mailbox(disk, "INBOX");
+    CHECK(!cache_disk_body_present(disk, "INBOX", 7, 41));
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 1, &data, &len), -ENOENT);
+    CHECK_EQ_INT(cache_disk_usage(disk), 0);
+    CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items, 2), 0);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 42, &data, &len), 0);
+    CHECK(body_matches(data, len, 500, 3));
+    free(data);
+    CHECK_EQ_INT(cache_disk_usage(disk), 1072);
+    cache_disk_close(disk);
+    free(body);
+}
+
 /* ---------------------------------------------------------- threads */
 
 #define STRESS_MAILBOXES 3
@@ -1041,7 +1373,22 @@ static void *stress_thread(void *arg)
             const char *name = stress_mailboxes[mailbox];
             unsigned seed = mailbox * 1000 + uid;
             size_t size = stress_size(mailbox, uid);
-            if (op < 45) {
+            if (op < 20 && uid + 2 <= STRESS_UIDS) {
+                /* uid and the two after it, as one pack */
+                char *bodies[3];
+                struct cache_disk_item items[3];
+                for (uint32_t k = 0; k < 3; k++) {
+                    bodies[k] = make_body(stress_size(mailbox, uid + k), mailbox * 1000 + uid + k);
+                    items[k] = (struct cache_disk_item){uid + k, bodies[k],
+                                                        stress_size(mailbox, uid + k)};
+                }
+                int r = cache_disk_bodies_save(stress->disk, name, 7, items, 3);
+                if (r != 0 && r != -ENOENT)
+                    stress->errors++;
+                for (int k = 0; k < 3; k++)
+                    free(bodies[k]);
+                stress->saves++;
+            } else if (op < 45) {
                 char *body = make_body(size, seed);
                 /* -ENOENT: raced a drop of the same mailbox, which cache/disk.h
                  * allows (nothing is kept then); anything else is a fault */
@@ -1136,6 +1483,9 @@ int main(void)
     RUN(test_refuse_unsafe_dirs);
     RUN(test_stale_tmp_cleaned);
     RUN(test_hash_collision);
+    RUN(test_pack_round_trip);
+    RUN(test_damaged_packs);
+    RUN(test_pack_eviction_and_drop);
     RUN(test_multithreaded_stress);
     remove_all(base);
     return check_summary();
