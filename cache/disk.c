@@ -243,8 +243,7 @@ struct cache_disk {
     uint64_t temp_counter;      /* atomic: makes temporary names unique */
     uint64_t pack_seed;         /* pack names: seed + counter, unique per open */
     pthread_mutex_t pack_lock;  /* protects pack_buffer */
-    unsigned char *pack_buffer; /* aligned, reused: see write_pack_temp */
-    size_t pack_buffer_size;
+    unsigned char *pack_buffer; /* DIRECT_CHUNK, aligned, reused: see write_direct */
 
     pthread_mutex_t lock;       /* protects everything below */
     uint64_t usage;             /* sizes of the body files in DIR/m */
@@ -365,6 +364,79 @@ static int transfer_all(int fd, struct iovec *iov, int iovcnt, bool writing)
     return 0;
 }
 
+#define DIRECT_ALIGN 4096
+#define DIRECT_CHUNK (1u << 20)
+#define DIRECT_MIN (64u << 10)      /* smaller files: buffered (see below) */
+
+/* Writes iov (size bytes in all) to the new file DIR/temp with O_DIRECT,
+ * through one reused, aligned 1 MiB buffer, and cuts the file to size.
+ * A buffered write would copy the bytes into page-cache pages allocated for
+ * them, and on a VM whose host takes freed memory back (free page
+ * reporting) every new page is a fault to the host: for a scan's bodies
+ * that copy cost more CPU than everything else a cold grep does (perf: 34 %
+ * of the daemon).  The buffer stays mapped, so filling it costs a memcpy.
+ * For a file of a few KiB, O_DIRECT costs more than it saves (one
+ * synchronous request each, measured in session 5), hence DIRECT_MIN.
+ * -EINVAL: the file system (tmpfs, some FUSE) does not allow it, or no
+ * buffer; the caller writes buffered instead, from the start. */
+static int write_direct(struct cache_disk *disk, const char *temp, const struct iovec *iov,
+                        int iovcnt, uint64_t size)
+{
+    int fd = openat(disk->dir_fd, temp, O_WRONLY | O_DIRECT | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return -EINVAL;
+    pthread_mutex_lock(&disk->pack_lock);
+    int r = 0;
+    if (!disk->pack_buffer &&
+        posix_memalign((void **)&disk->pack_buffer, DIRECT_ALIGN, DIRECT_CHUNK) != 0) {
+        disk->pack_buffer = NULL;
+        r = -EINVAL;
+    }
+    int i = 0;
+    size_t in = 0;      /* bytes of iov[i] already taken */
+    while (r == 0 && i < iovcnt) {
+        size_t fill = 0;
+        while (fill < DIRECT_CHUNK && i < iovcnt) {
+            size_t take = iov[i].iov_len - in;
+            if (take > DIRECT_CHUNK - fill)
+                take = DIRECT_CHUNK - fill;
+            memcpy(disk->pack_buffer + fill, (const char *)iov[i].iov_base + in, take);
+            fill += take;
+            in += take;
+            if (in == iov[i].iov_len) {
+                i++;
+                in = 0;
+            }
+        }
+        size_t out = (fill + DIRECT_ALIGN - 1) / DIRECT_ALIGN * DIRECT_ALIGN;
+        memset(disk->pack_buffer + fill, 0, out - fill);
+        struct iovec chunk = {.iov_base = disk->pack_buffer, .iov_len = out};
+        if (out)
+            r = transfer_all(fd, &chunk, 1, true);
+    }
+    pthread_mutex_unlock(&disk->pack_lock);
+    if (r == 0 && ftruncate(fd, (off_t)size) < 0)
+        r = -errno;
+    if (close(fd) < 0 && r == 0)
+        r = -errno;
+    return r;
+}
+
+/* Writes iov to fd (DIR/temp, new and empty): directly when large enough,
+ * else, or when that is refused, buffered. */
+static int write_contents(struct cache_disk *disk, int fd, const char *temp, struct iovec *iov,
+                          int iovcnt, uint64_t size)
+{
+    if (size >= DIRECT_MIN) {
+        int r = write_direct(disk, temp, iov, iovcnt, size);
+        if (r != -EINVAL)
+            return r;
+        if (ftruncate(fd, 0) < 0)
+            return -errno;
+    }
+    return transfer_all(fd, iov, iovcnt, true);
+}
+
 /* Writes header and payload to a new file in DIR/tmp, its relative path in
  * temp.  0 or -errno (nothing left behind). */
 static int write_temp(struct cache_disk *disk, uint32_t kind, const void *payload, size_t len,
@@ -397,7 +469,8 @@ static int write_temp(struct cache_disk *disk, uint32_t kind, const void *payloa
     if (fchmod(fd, 0600) < 0)
         r = -errno;
     if (r == 0)
-        r = transfer_all(fd, iov, 2, true);
+        r = kind == KIND_BODY ? write_contents(disk, fd, temp, iov, 2, HEADER_SIZE + (uint64_t)len)
+                              : transfer_all(fd, iov, 2, true);
     if (close(fd) < 0 && r == 0)
         r = -errno;
     if (r != 0)
@@ -1535,56 +1608,6 @@ int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t 
     return 0;
 }
 
-#define DIRECT_ALIGN 4096
-#define DIRECT_MAX (16u << 20)
-
-/* Writes a pack with O_DIRECT from one reused, aligned buffer, cut to its
- * size afterwards.  A buffered write would copy the pack into page-cache
- * pages allocated for it, and on a VM whose host takes freed memory back
- * (free page reporting) every new page is a fault to the host: that copy
- * cost more CPU than everything else a cold grep does (perf: 34 % of the
- * daemon).  The buffer stays mapped between packs, so filling it costs a
- * memcpy.  -EINVAL: the file system (tmpfs, some FUSE) or the size does
- * not allow it; the caller writes buffered instead. */
-static int write_pack_direct(struct cache_disk *disk, int dir_fd, const char *temp,
-                             const struct iovec *iov, int iovcnt, uint64_t size)
-{
-    uint64_t padded = (size + DIRECT_ALIGN - 1) / DIRECT_ALIGN * DIRECT_ALIGN;
-    if (padded > DIRECT_MAX)
-        return -EINVAL;
-    int fd = openat(dir_fd, temp, O_WRONLY | O_DIRECT | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0)
-        return -EINVAL;
-    pthread_mutex_lock(&disk->pack_lock);
-    int r = 0;
-    if (disk->pack_buffer_size < padded) {
-        free(disk->pack_buffer);
-        disk->pack_buffer_size = 0;
-        if (posix_memalign((void **)&disk->pack_buffer, DIRECT_ALIGN, padded) != 0) {
-            disk->pack_buffer = NULL;
-            r = -EINVAL;
-        } else {
-            disk->pack_buffer_size = padded;
-        }
-    }
-    if (r == 0) {
-        unsigned char *at = disk->pack_buffer;
-        for (int i = 0; i < iovcnt; i++) {
-            memcpy(at, iov[i].iov_base, iov[i].iov_len);
-            at += iov[i].iov_len;
-        }
-        memset(at, 0, padded - size);
-        struct iovec whole = {.iov_base = disk->pack_buffer, .iov_len = padded};
-        r = transfer_all(fd, &whole, 1, true);
-    }
-    pthread_mutex_unlock(&disk->pack_lock);
-    if (r == 0 && ftruncate(fd, (off_t)size) < 0)
-        r = -errno;
-    if (close(fd) < 0 && r == 0)
-        r = -errno;
-    return r;
-}
-
 /* Writes the bodies into one new pack in DIR/tmp, its path in temp and its
  * size in *file_size.  0 or -errno (nothing left behind). */
 static int write_pack_temp(struct cache_disk *disk, const struct cache_disk_item *items,
@@ -1626,14 +1649,8 @@ static int write_pack_temp(struct cache_disk *disk, const struct cache_disk_item
     int r = fd < 0 ? (errno == EEXIST ? -EEXIST : -errno) : 0;
     if (r == 0 && fchmod(fd, 0600) < 0)
         r = -errno;
-    if (r == 0) {
-        r = write_pack_direct(disk, disk->dir_fd, temp, iov, (int)count + 2, size);
-        if (r == -EINVAL) { /* from the start, buffered */
-            r = ftruncate(fd, 0) < 0 ? -errno : 0;
-            if (r == 0)
-                r = transfer_all(fd, iov, (int)count + 2, true);
-        }
-    }
+    if (r == 0)
+        r = write_contents(disk, fd, temp, iov, (int)count + 2, size);
     if (fd >= 0 && close(fd) < 0 && r == 0)
         r = -errno;
     if (r != 0 && fd >= 0)
