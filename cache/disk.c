@@ -377,7 +377,7 @@ static int transfer_all(int fd, struct iovec *iov, int iovcnt, bool writing)
  * of the daemon).  The buffer stays mapped, so filling it costs a memcpy.
  * For a file of a few KiB, O_DIRECT costs more than it saves (one
  * synchronous request each, measured in session 5), hence DIRECT_MIN.
- * -EINVAL: the file system (tmpfs, some FUSE) does not allow it, or no
+ * -EINVAL: the file system (ramfs; tmpfs before Linux 6.6) refuses it, or no
  * buffer; the caller writes buffered instead, from the start. */
 static int write_direct(struct cache_disk *disk, const char *temp, const struct iovec *iov,
                         int iovcnt, uint64_t size)
@@ -437,14 +437,12 @@ static int write_contents(struct cache_disk *disk, int fd, const char *temp, str
     return transfer_all(fd, iov, iovcnt, true);
 }
 
-/* Writes header and payload to a new file in DIR/tmp, its relative path in
- * temp.  0 or -errno (nothing left behind). */
-static int write_temp(struct cache_disk *disk, uint32_t kind, const void *payload, size_t len,
-                      char *temp)
+/* Writes iov (size bytes in all) to a new file in DIR/tmp, its relative
+ * path in temp; with direct, as write_contents does.  0 or -errno (nothing
+ * left behind). */
+static int write_temp_iov(struct cache_disk *disk, struct iovec *iov, int iovcnt, uint64_t size,
+                          bool direct, char *temp)
 {
-    unsigned char header[HEADER_SIZE];
-    encode_header(header, kind, payload, len);
-
     int fd = -1;
     /* mkstemp would want a path from the cwd, which fuse_daemonize moves to
      * "/"; O_CREAT|O_EXCL with a per-process counter is the same guarantee
@@ -459,23 +457,33 @@ static int write_temp(struct cache_disk *disk, uint32_t kind, const void *payloa
     if (fd < 0)
         return -EEXIST;
 
-    struct iovec iov[2] = {
-        {.iov_base = header, .iov_len = HEADER_SIZE},
-        {.iov_base = (void *)payload, .iov_len = len},
-    };
     int r = 0;
     /* umask may have taken bits off 0600, never added any: fchmod makes it
      * exactly 0600 either way. */
     if (fchmod(fd, 0600) < 0)
         r = -errno;
     if (r == 0)
-        r = kind == KIND_BODY ? write_contents(disk, fd, temp, iov, 2, HEADER_SIZE + (uint64_t)len)
-                              : transfer_all(fd, iov, 2, true);
+        r = direct ? write_contents(disk, fd, temp, iov, iovcnt, size)
+                   : transfer_all(fd, iov, iovcnt, true);
     if (close(fd) < 0 && r == 0)
         r = -errno;
     if (r != 0)
         unlinkat(disk->dir_fd, temp, 0);
     return r;
+}
+
+/* Writes header and payload to a new file in DIR/tmp, its relative path in
+ * temp.  0 or -errno (nothing left behind). */
+static int write_temp(struct cache_disk *disk, uint32_t kind, const void *payload, size_t len,
+                      char *temp)
+{
+    unsigned char header[HEADER_SIZE];
+    encode_header(header, kind, payload, len);
+    struct iovec iov[2] = {
+        {.iov_base = header, .iov_len = HEADER_SIZE},
+        {.iov_base = (void *)payload, .iov_len = len},
+    };
+    return write_temp_iov(disk, iov, 2, HEADER_SIZE + (uint64_t)len, kind == KIND_BODY, temp);
 }
 
 /* Writes a whole file that is not a body (no byte accounting): temp, then
@@ -1016,6 +1024,21 @@ struct pack_item {
     uint64_t offset, sum;
 };
 
+/* Records that the pack name holds items.  Out of memory, some are left
+ * out: those bodies are fetched again. */
+static void pack_index_items(struct pack_group *group, const char *name,
+                             const struct pack_item *items, size_t count)
+{
+    int64_t pack = pack_add(group, name);
+    for (size_t i = 0; pack >= 0 && i < count; i++) {
+        struct pack_entry entry = {.uid = items[i].uid, .pack = (uint32_t)pack,
+                                   .offset = (uint32_t)items[i].offset,
+                                   .length = items[i].length, .sum = items[i].sum};
+        if (entry_put(group, &entry) < 0)
+            break;
+    }
+}
+
 /* Reads and checks the table of contents of the pack at DIR/rel (fd open
  * on it, st its stat).  0 with *items malloc'd, -ENOENT if it is not a
  * well-formed pack of exactly its size, another -errno if unreadable. */
@@ -1104,14 +1127,7 @@ static void pack_index_locked(struct cache_disk *disk, struct pack_group *group,
         discard(disk, rel, &st, true, true);
     if (r != 0)
         return;
-    int64_t pack = pack_add(group, name);
-    for (size_t i = 0; pack >= 0 && i < count; i++) {
-        struct pack_entry entry = {.uid = items[i].uid, .pack = (uint32_t)pack,
-                                   .offset = (uint32_t)items[i].offset,
-                                   .length = items[i].length, .sum = items[i].sum};
-        if (entry_put(group, &entry) < 0)
-            break;  /* out of memory: those bodies are fetched again */
-    }
+    pack_index_items(group, name, items, count);
     free(items);
 }
 
@@ -1536,45 +1552,33 @@ int cache_disk_body_load(struct cache_disk *disk, const char *mailbox, uint32_t 
     return load_file(disk, rel, KIND_BODY, true, false, data, len, NULL);
 }
 
-/* Renames the finished temp file over DIR/rel and counts it, less whatever
- * body it replaced.  Caller holds the lock.  *evict_now: this save took the
- * count over the limit and no one is evicting yet. */
-static int install_body_locked(struct cache_disk *disk, const char *temp, const char *rel,
-                               uint64_t file_size, bool *evict_now)
+/* Counts a body file just installed.  *evict_now: this took the count
+ * over the limit and no one is evicting yet.  Caller holds the lock. */
+static void count_body_locked(struct cache_disk *disk, uint64_t file_size, bool *evict_now)
 {
-    uint64_t replaced = 0;
-    struct stat st;
-    if (fstatat(disk->dir_fd, rel, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode))
-        replaced = (uint64_t)st.st_size;
-    if (renameat(disk->dir_fd, temp, disk->dir_fd, rel) < 0)
-        return -errno;
-    usage_subtract_locked(disk, replaced);
     disk->usage += file_size;
     if (disk->usage > disk->max_bytes && !disk->evicting) {
         disk->evicting = true;
         *evict_now = true;
     }
-    return 0;
 }
 
-int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
-                         uint32_t uid, const char *data, size_t len)
+/* Puts a finished temp file in place and counts it; called with the lock
+ * held.  -ENOENT: its UIDVALIDITY directory is missing. */
+typedef int install_fn(struct cache_disk *disk, const char *temp, const void *what,
+                       bool *evict_now);
+
+/* Installs temp, a body file or a pack of mailbox's uidvalidity, with
+ * install; removes it if that fails.  0 or -errno; -ENOENT when a drop of
+ * the same mailbox kept winning. */
+static int install_temp(struct cache_disk *disk, const char *mailbox, uint64_t hash,
+                        uint32_t uidvalidity, const char *temp, install_fn *install,
+                        const void *what)
 {
-    /* A body bigger than 80 % of the limit would push out every other body,
-     * then itself: keeping it costs more than fetching it again. */
-    if (len > SIZE_MAX - HEADER_SIZE || HEADER_SIZE + (uint64_t)len > low_water(disk))
-        return 0;
-
-    uint64_t hash = mailbox_hash(mailbox);
-    char rel[REL_MAX], uidvalidity_dir[REL_MAX], temp[REL_MAX];
-    body_rel(rel, hash, uidvalidity, uid);
+    char uidvalidity_dir[REL_MAX];
     uidvalidity_rel(uidvalidity_dir, hash, uidvalidity);
-
-    int r = write_temp(disk, KIND_BODY, data, len, temp);
-    if (r != 0)
-        return r;
-
     bool evict_now = false;
+    int r = 0;
     /* Usually the first attempt succeeds.  The first body of a UIDVALIDITY
      * needs its directory made; a drop of the same mailbox meanwhile needs
      * the mailbox claimed again, then the directory made. */
@@ -1583,7 +1587,7 @@ int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t 
         if (r != 0)
             break;
         lock_disk(disk);
-        r = install_body_locked(disk, temp, rel, HEADER_SIZE + (uint64_t)len, &evict_now);
+        r = install(disk, temp, what, &evict_now);
         unlock_disk(disk);
         if (r != -ENOENT)
             break;
@@ -1608,168 +1612,143 @@ int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t 
     return 0;
 }
 
-/* Writes the bodies into one new pack in DIR/tmp, its path in temp and its
- * size in *file_size.  0 or -errno (nothing left behind). */
-static int write_pack_temp(struct cache_disk *disk, const struct cache_disk_item *items,
-                           const uint64_t *sums, size_t count, char *temp, uint64_t *file_size)
-{
-    size_t toc_len = 8 + count * PACK_ENTRY_SIZE;
-    unsigned char *toc = malloc(toc_len);
-    struct iovec *iov = calloc(count + 2, sizeof *iov);
-    if (!toc || !iov) {
-        free(toc);
-        free(iov);
-        return -ENOMEM;
-    }
-    put_u64(toc, count);
-    uint64_t size = HEADER_SIZE + toc_len;
-    for (size_t i = 0; i < count; i++) {
-        unsigned char *e = toc + 8 + i * PACK_ENTRY_SIZE;
-        put_u32(e, items[i].uid);
-        put_u32(e + 4, (uint32_t)items[i].len);
-        put_u64(e + 8, sums[i]);
-        iov[i + 2].iov_base = (void *)items[i].data;
-        iov[i + 2].iov_len = items[i].len;
-        size += items[i].len;
-    }
-    unsigned char header[HEADER_SIZE];
-    encode_header(header, KIND_PACK, toc, toc_len);
-    iov[0].iov_base = header;
-    iov[0].iov_len = HEADER_SIZE;
-    iov[1].iov_base = toc;
-    iov[1].iov_len = toc_len;
+struct body_install {
+    const char *rel;
+    uint64_t file_size;
+};
 
-    int fd = -1;
-    for (int attempt = 0; attempt < 16 && fd < 0; attempt++) {
-        temp_rel(disk, temp);
-        fd = openat(disk->dir_fd, temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-        if (fd < 0 && errno != EEXIST)
-            break;
-    }
-    int r = fd < 0 ? (errno == EEXIST ? -EEXIST : -errno) : 0;
-    if (r == 0 && fchmod(fd, 0600) < 0)
-        r = -errno;
-    if (r == 0)
-        r = write_contents(disk, fd, temp, iov, (int)count + 2, size);
-    if (fd >= 0 && close(fd) < 0 && r == 0)
-        r = -errno;
-    if (r != 0 && fd >= 0)
-        unlinkat(disk->dir_fd, temp, 0);
-    free(toc);
-    free(iov);
-    *file_size = size;
-    return r;
-}
-
-/* Renames the finished pack into its UIDVALIDITY directory under a name
- * never used, counts it and indexes its bodies.  Caller holds the lock.
- * -ENOENT: the directory is missing. */
-static int install_pack_locked(struct cache_disk *disk, uint64_t hash, uint32_t uidvalidity,
-                               const char *temp, const struct cache_disk_item *items,
-                               const uint64_t *sums, size_t count, uint64_t file_size,
+/* install_fn of a body file: renamed over DIR/rel, counted less whatever
+ * body it replaced. */
+static int install_body_locked(struct cache_disk *disk, const char *temp, const void *what,
                                bool *evict_now)
 {
+    const struct body_install *body = what;
+    uint64_t replaced = 0;
+    struct stat st;
+    if (fstatat(disk->dir_fd, body->rel, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode))
+        replaced = (uint64_t)st.st_size;
+    if (renameat(disk->dir_fd, temp, disk->dir_fd, body->rel) < 0)
+        return -errno;
+    usage_subtract_locked(disk, replaced);
+    count_body_locked(disk, body->file_size, evict_now);
+    return 0;
+}
+
+int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
+                         uint32_t uid, const char *data, size_t len)
+{
+    /* A body bigger than 80 % of the limit would push out every other body,
+     * then itself: keeping it costs more than fetching it again. */
+    if (len > SIZE_MAX - HEADER_SIZE || HEADER_SIZE + (uint64_t)len > low_water(disk))
+        return 0;
+
+    uint64_t hash = mailbox_hash(mailbox);
+    char rel[REL_MAX], temp[REL_MAX];
+    body_rel(rel, hash, uidvalidity, uid);
+    int r = write_temp(disk, KIND_BODY, data, len, temp);
+    if (r != 0)
+        return r;
+    struct body_install body = {.rel = rel, .file_size = HEADER_SIZE + (uint64_t)len};
+    return install_temp(disk, mailbox, hash, uidvalidity, temp, install_body_locked, &body);
+}
+
+struct pack_install {
+    uint64_t hash;
+    uint32_t uidvalidity;
+    const struct pack_item *items;
+    size_t count;
+    uint64_t file_size;
+};
+
+/* install_fn of a pack: renamed into its UIDVALIDITY directory under a
+ * name never used, counted, and its bodies indexed. */
+static int install_pack_locked(struct cache_disk *disk, const char *temp, const void *what,
+                               bool *evict_now)
+{
+    const struct pack_install *pack = what;
     /* Indexed before the rename, so the new pack is not read back in. */
-    struct pack_group *group = group_locked(disk, hash, uidvalidity);
+    struct pack_group *group = group_locked(disk, pack->hash, pack->uidvalidity);
     char name[18], rel[REL_MAX];
     int r;
     do {
         uint64_t n = __atomic_fetch_add(&disk->temp_counter, 1, __ATOMIC_RELAXED);
         snprintf(name, sizeof name, "p%016" PRIx64, disk->pack_seed + n);
-        snprintf(rel, sizeof rel, "m/%016" PRIx64 "/%" PRIu32 "/%s", hash, uidvalidity, name);
+        snprintf(rel, sizeof rel, "m/%016" PRIx64 "/%" PRIu32 "/%s", pack->hash,
+                 pack->uidvalidity, name);
         r = renameat2(disk->dir_fd, temp, disk->dir_fd, rel, RENAME_NOREPLACE) < 0 ? -errno : 0;
     } while (r == -EEXIST);
     if (r != 0)
         return r;
-    disk->usage += file_size;
-    if (disk->usage > disk->max_bytes && !disk->evicting) {
-        disk->evicting = true;
-        *evict_now = true;
-    }
-    /* Out of memory indexing it: its bodies are fetched again this mount,
-     * and the next one finds them. */
-    int64_t pack = group ? pack_add(group, name) : -1;
-    uint64_t offset = HEADER_SIZE + 8 + count * PACK_ENTRY_SIZE;
-    for (size_t i = 0; pack >= 0 && i < count; i++) {
-        struct pack_entry entry = {.uid = items[i].uid, .pack = (uint32_t)pack,
-                                   .offset = (uint32_t)offset, .length = (uint32_t)items[i].len,
-                                   .sum = sums[i]};
-        if (entry_put(group, &entry) < 0)
-            break;
-        offset += items[i].len;
-    }
+    count_body_locked(disk, pack->file_size, evict_now);
+    /* Out of memory for the index: its bodies are fetched again this
+     * mount, and the next one finds them. */
+    if (group)
+        pack_index_items(group, name, pack->items, pack->count);
     return 0;
 }
 
 int cache_disk_bodies_save(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,
-                           const struct cache_disk_item *items, size_t count)
+                           const struct cache_disk_item *bodies, size_t count)
 {
-    uint64_t total = HEADER_SIZE + 8 + (uint64_t)count * PACK_ENTRY_SIZE;
+    uint64_t toc_len = 8 + (uint64_t)count * PACK_ENTRY_SIZE, size = HEADER_SIZE + toc_len;
     for (size_t i = 0; i < count; i++)
-        total += items[i].len;
+        size += bodies[i].len;
     int r = 0;
     /* One body, or more than a pack may hold (past what the table of
      * contents can address, or what the limit keeps): one file each. */
-    if (count < 2 || count > PACK_MAX_ITEMS || total > UINT32_MAX || total > low_water(disk)) {
+    if (count < 2 || count > PACK_MAX_ITEMS || size > UINT32_MAX || size > low_water(disk)) {
         for (size_t i = 0; i < count; i++) {
-            int ri = cache_disk_body_save(disk, mailbox, uidvalidity, items[i].uid,
-                                          items[i].data, items[i].len);
+            int ri = cache_disk_body_save(disk, mailbox, uidvalidity, bodies[i].uid,
+                                          bodies[i].data, bodies[i].len);
             if (r == 0)
                 r = ri;
         }
         return r;
     }
     for (size_t i = 0; i < count; i++)
-        if (items[i].uid == 0)
+        if (bodies[i].uid == 0)
             return -EINVAL;
 
-    uint64_t hash = mailbox_hash(mailbox);
-    char uidvalidity_dir[REL_MAX], temp[REL_MAX];
-    uidvalidity_rel(uidvalidity_dir, hash, uidvalidity);
-    uint64_t *sums = malloc(count * sizeof *sums);
-    if (!sums)
+    /* The table of contents, on disk and (with the offsets) in the index. */
+    struct pack_item *items = calloc(count, sizeof *items);
+    unsigned char *toc = malloc(toc_len);
+    struct iovec *iov = calloc(count + 2, sizeof *iov);
+    if (!items || !toc || !iov) {
+        free(items);
+        free(toc);
+        free(iov);
         return -ENOMEM;
-    for (size_t i = 0; i < count; i++)
-        sums[i] = checksum(items[i].data, items[i].len);
-    uint64_t file_size;
-    r = write_pack_temp(disk, items, sums, count, temp, &file_size);
-    if (r != 0) {
-        free(sums);
-        return r;
     }
+    put_u64(toc, count);
+    uint64_t offset = HEADER_SIZE + toc_len;
+    for (size_t i = 0; i < count; i++) {
+        items[i] = (struct pack_item){.uid = bodies[i].uid, .length = (uint32_t)bodies[i].len,
+                                      .offset = offset,
+                                      .sum = checksum(bodies[i].data, bodies[i].len)};
+        offset += bodies[i].len;
+        unsigned char *e = toc + 8 + i * PACK_ENTRY_SIZE;
+        put_u32(e, items[i].uid);
+        put_u32(e + 4, items[i].length);
+        put_u64(e + 8, items[i].sum);
+        iov[i + 2] = (struct iovec){.iov_base = (void *)bodies[i].data, .iov_len = bodies[i].len};
+    }
+    unsigned char header[HEADER_SIZE];
+    encode_header(header, KIND_PACK, toc, toc_len);
+    iov[0] = (struct iovec){.iov_base = header, .iov_len = HEADER_SIZE};
+    iov[1] = (struct iovec){.iov_base = toc, .iov_len = toc_len};
 
-    bool evict_now = false;
-    /* As in cache_disk_body_save: the directory may need making, and the
-     * mailbox claiming again after a drop. */
-    for (int attempt = 0; attempt < 4; attempt++) {
-        r = claim_mailbox(disk, hash, mailbox);
-        if (r != 0)
-            break;
-        lock_disk(disk);
-        r = install_pack_locked(disk, hash, uidvalidity, temp, items, sums, count, file_size,
-                                &evict_now);
-        unlock_disk(disk);
-        if (r != -ENOENT)
-            break;
-        if (mkdirat(disk->dir_fd, uidvalidity_dir, 0700) < 0) {
-            if (errno == ENOENT) {
-                lock_disk(disk);
-                forget_owner_locked(disk, hash);
-                unlock_disk(disk);
-            } else if (errno != EEXIST) {
-                r = -errno;
-                break;
-            }
-        }
+    uint64_t hash = mailbox_hash(mailbox);
+    char temp[REL_MAX];
+    r = write_temp_iov(disk, iov, (int)count + 2, size, true, temp);
+    if (r == 0) {
+        struct pack_install pack = {.hash = hash, .uidvalidity = uidvalidity, .items = items,
+                                    .count = count, .file_size = size};
+        r = install_temp(disk, mailbox, hash, uidvalidity, temp, install_pack_locked, &pack);
     }
-    free(sums);
-    if (r != 0) {
-        unlinkat(disk->dir_fd, temp, 0);
-        return r;
-    }
-    if (evict_now)
-        evict(disk);
-    return 0;
+    free(items);
+    free(toc);
+    free(iov);
+    return r;
 }
 
 int cache_disk_body_present(struct cache_disk *disk, const char *mailbox, uint32_t uidvalidity,

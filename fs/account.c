@@ -160,6 +160,17 @@ static void unsolicited(void *context, struct imap_session *session,
 static void *readahead_main(void *arg);
 static char *folder_mailbox(struct fs_account *account, uint32_t folder_id);
 
+/* Timed waits count on the monotonic clock (timespec_of): a change of the
+ * wall clock neither cuts a wait short nor stretches it. */
+static void cond_init_monotonic(pthread_cond_t *cond)
+{
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(cond, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
 struct fs_account *fs_account_new(const struct fs_options *options,
                                   const struct imap_config *config,
                                   struct imap_session *first)
@@ -191,17 +202,13 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     }
     pthread_mutex_init(&account->pool_lock, NULL);
     pthread_mutex_init(&account->token_lock, NULL);
-    pthread_cond_init(&account->pool_changed, NULL);
+    cond_init_monotonic(&account->pool_changed);
     pthread_mutex_init(&account->inflight_lock, NULL);
     pthread_cond_init(&account->inflight_done, NULL);
     pthread_mutex_init(&account->readahead_lock, NULL);
     pthread_mutex_init(&account->quota_lock, NULL);
     pthread_mutex_init(&account->writer_lock, NULL);
-    pthread_condattr_t monotonic;
-    pthread_condattr_init(&monotonic);
-    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
-    pthread_cond_init(&account->writer_wake, &monotonic);
-    pthread_condattr_destroy(&monotonic);
+    cond_init_monotonic(&account->writer_wake);
     pthread_cond_init(&account->readahead_wake, NULL);
     pthread_mutex_init(&account->stream_lock, NULL);
     pthread_cond_init(&account->stream_grew, NULL);
@@ -316,7 +323,6 @@ static size_t writer_take(struct fs_account *account, struct disk_job **taken)
     size_t n = 0;
     uint64_t bytes = 0;
 
-    account->writer_tail = NULL;
     while (*link) {
         struct disk_job *job = *link;
         if (n < PACK_MESSAGES && (n == 0 || bytes + job->body->len <= PACK_BYTES) &&
@@ -352,8 +358,7 @@ static void *writer_main(void *arg)
             double until = account->writer_queue->queued_at + PACK_WAIT;
             if (now_monotonic() >= until)
                 break;
-            struct timespec deadline = {.tv_sec = (time_t)until,
-                                        .tv_nsec = (long)((until - (double)(time_t)until) * 1e9)};
+            struct timespec deadline = timespec_of(until);
             pthread_cond_timedwait(&account->writer_wake, &account->writer_lock, &deadline);
         }
         size_t n = writer_take(account, taken);
@@ -414,8 +419,7 @@ static void disk_save_later(struct fs_account *account, const char *mailbox, uin
     account->writer_tail = job;
     /* The writer waits for the first job, then for a pack's worth or its
      * deadline: waking it for every body would cost a switch each. */
-    if (was_empty || account->writer_count == PACK_MESSAGES ||
-        (account->writer_bytes - job->body->len < PACK_BYTES && account->writer_bytes >= PACK_BYTES))
+    if (was_empty || account->writer_count >= PACK_MESSAGES || account->writer_bytes >= PACK_BYTES)
         pthread_cond_signal(&account->writer_wake);
     pthread_mutex_unlock(&account->writer_lock);
 }
@@ -606,15 +610,7 @@ static int session_acquire_for(struct fs_account *account, const char *mailbox, 
             break;
         if (first_failure && first_failure + grace < wait_until)
             wait_until = first_failure + grace;
-        double pause = wait_until - now;
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += (time_t)pause;
-        until.tv_nsec += (long)((pause - (double)(time_t)pause) * 1e9);
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        struct timespec until = timespec_of(wait_until);
         pthread_cond_timedwait(&account->pool_changed, &account->pool_lock, &until);
     }
     pthread_mutex_unlock(&account->pool_lock);

@@ -290,4 +290,13 @@ static inline double now_monotonic(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* A monotonic time in seconds as a timespec, for pthread_cond_timedwait on
+ * a condition made with cond_init_monotonic (fs/account.c). */
+static inline struct timespec timespec_of(double seconds)
+{
+    struct timespec ts = {.tv_sec = (time_t)seconds};
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    return ts;
+}
+
 #endif

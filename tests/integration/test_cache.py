@@ -549,3 +549,49 @@ def test_scanned_messages_are_read_from_pages_the_daemon_stored(mounter, own_ser
             wrong = [uid for uid, body in expected.items()
                      if body_on_disk(cache_dir, "scan", uidvalidity, uid) != body]
             assert not wrong, f"bodies not on disk, or wrong, after the unmount: {wrong[:10]}"
+
+
+def test_cache_on_a_file_system_that_refuses_o_direct(request, mounter, own_server, tmp_path):
+    """Packs and bodies of 64 KiB or more are written with O_DIRECT; on a file
+    system that refuses it (ramfs here) they are written buffered instead:
+    everything read is on disk after the unmount, byte for byte, and a
+    remount fetches none of it again."""
+    srv = own_server
+    ramfs = tmp_path / "ramfs"
+    ramfs.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0700", "ramfs", str(ramfs)], check=True)
+    request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(ramfs)]))
+    with pytest.raises(OSError) as refused:     # the precondition: no O_DIRECT there
+        os.close(os.open(ramfs / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    assert refused.value.errno == errno.EINVAL
+    os.unlink(ramfs / "probe")
+
+    with srv.checker() as c:
+        c._ok(*c.imap.create("direct"), "CREATE")
+    large = append(srv, "direct", message("large", 200_000))
+    for i in range(40):     # one pack of about 120 KB
+        append(srv, "direct", message(f"small{i}", 2500))
+    with srv.checker() as c:
+        expected = c.bodies("direct")
+        uidvalidity = c.uidvalidity("direct")
+    assert len(expected[large]) > 200_000
+
+    cache_dir = str(ramfs / "cache")
+    m1 = mount_with(mounter, srv, "ram1", cache_dir=cache_dir)
+    folder = os.path.join(m1.mountpoint, "direct")
+    for uid, body in sorted(expected.items()):
+        assert read_bytes(os.path.join(folder, f"{uid}.eml")) == body, uid
+    unmount_timed(m1)
+    wrong = [uid for uid, body in expected.items()
+             if body_on_disk(cache_dir, "direct", uidvalidity, uid) != body]
+    assert not wrong, f"not on disk, or wrong, after the unmount: {wrong}"
+    files = os.listdir(os.path.join(mailbox_dir(cache_dir, "direct"), str(uidvalidity)))
+    assert any(PACK_NAME.match(f) for f in files), f"no pack written: {files}"
+
+    m2 = mount_with(mounter, srv, "ram2", cache_dir=cache_dir, debug=True)
+    folder = os.path.join(m2.mountpoint, "direct")
+    for uid, body in sorted(expected.items()):
+        assert read_bytes(os.path.join(folder, f"{uid}.eml")) == body, uid
+    fetched = body_fetches(m2.log())
+    assert not fetched, f"bodies fetched again although on disk: {fetched}"
+    unmount_timed(m2)
