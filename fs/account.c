@@ -30,19 +30,23 @@
 
 #include <openssl/crypto.h>
 
-#define BATCH_MESSAGES 128
-#define READAHEAD_MESSAGES 256    /* how far ahead of a scanning reader */
+#define BATCH_MESSAGES 256
+#define READAHEAD_MESSAGES 512    /* how far ahead of a scanning reader */
 #define BATCH_BYTES (8u << 20)
 
 struct readahead_request {
     uint32_t folder_id, from_uid;
     int step;                       /* 1 or -1: the reader's direction */
+    uint32_t window_end;            /* 0, or the reader's window end: nothing to do
+                                       once that message is cached or in flight */
 };
 
-/* One read-ahead thread per scan position that rg -j4 and the like keep
- * busy; a short queue, newest first, since the newest gap is the one a
- * reader will hit next. */
-#define READAHEAD_THREADS 2
+/* Read-ahead threads, each fetching one batch on a connection of its own:
+ * a scan keeps up to three batches in flight, which hides a round trip of
+ * 20-50 ms to the server, and rg -j4 and the like keep several scan
+ * positions busy.  A short queue, newest first, since the newest gap is the
+ * one a reader will hit next. */
+#define READAHEAD_THREADS 3
 #define READAHEAD_QUEUE 8
 
 /* A body on its way to the disk cache. */
@@ -1888,12 +1892,28 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
  *
  * A reader that goes through a folder in UID order (grep -r, rg, tar, find
  * -exec) is recognised by reading a message shortly after the one it read
- * before.  For such a scan the read-ahead thread keeps the next
+ * before.  For such a scan the read-ahead threads keep the next
  * READAHEAD_MESSAGES messages fetched or in flight, so the network works
- * while the reader reads.  It only ever acts on a read, so it stops when the
+ * while the reader reads.  The next batch is asked for (on another
+ * connection) while the one before is still arriving: one batch after the
+ * other would cost a round trip to the server per batch, most of a cold grep
+ * at 20-50 ms.  Read-ahead only ever acts on a read, so it stops when the
  * reader stops, and it never sets \Seen (BODY.PEEK). */
 
 #define SCAN_GAP 8              /* "sequential": within 8 messages of the last read */
+
+/* Whether the message is cached or being fetched.  Caller holds
+ * inflight_lock; takes the cache lock. */
+static int fetched_or_coming(struct fs_account *account, uint32_t folder_id, uint32_t uid)
+{
+    if (inflight_find(account, folder_id, uid))
+        return 1;
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    int cached = folder && cache_body_contains(account->bodies, folder_id, folder->uidvalidity, uid);
+    cache_unlock(account->cache);
+    return cached;
+}
 
 static void *readahead_main(void *arg)
 {
@@ -1912,7 +1932,12 @@ static void *readahead_main(void *arg)
         size_t count = 0;
         char *mailbox = NULL;
         pthread_mutex_lock(&account->inflight_lock);
-        int ret = plan_batch(account, request.folder_id, request.from_uid, request.step,
+        int ret = 0;
+        /* Requests queued while every thread was busy ask for the same
+         * window: the first one planned covers it, the rest are dropped. */
+        if (!request.window_end ||
+            !fetched_or_coming(account, request.folder_id, request.window_end))
+            ret = plan_batch(account, request.folder_id, request.from_uid, request.step,
                              BATCH_MESSAGES, 0, uids, &count, &uidvalidity, &mailbox);
         pthread_mutex_unlock(&account->inflight_lock);
         if (ret == 0 && count) {
@@ -1934,12 +1959,12 @@ static void *readahead_main(void *arg)
 static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t uid)
 {
     const size_t cursors = sizeof(((struct cache_folder *)0)->scan_uids) / sizeof(uint32_t);
-    uint32_t uidvalidity = 0, gap_uid = 0;
+    uint32_t uidvalidity = 0, gap_uid = 0, window_end = 0;
     int step = 0;
 
     cache_lock(account->cache);
     struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
-    if (folder) {
+    if (folder && folder->count) {
         size_t lo = cache_folder_lower_bound(folder, uid);
         /* A reader was at one of the SCAN_GAP messages around this one. */
         size_t cursor = cursors;
@@ -1960,6 +1985,11 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
         }
         folder->scan_uids[cursor] = uid;
         uidvalidity = folder->uidvalidity;
+        if (step > 0)
+            window_end = folder->messages[lo + READAHEAD_MESSAGES < folder->count
+                                              ? lo + READAHEAD_MESSAGES : folder->count - 1].uid;
+        else if (step < 0)
+            window_end = folder->messages[lo > READAHEAD_MESSAGES ? lo - READAHEAD_MESSAGES : 0].uid;
         /* The first message in the window that is not cached yet.  What this
          * reader's last call saw cached is not looked at again: a warm scan
          * would otherwise make READAHEAD_MESSAGES lookups per file. */
@@ -1984,12 +2014,16 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
     cache_unlock(account->cache);
     if (!gap_uid || account->max_download) /* no read-ahead on a budget */
         return step;
+    /* The first message not cached may be in flight already; then the
+     * window's far end says whether another batch is wanted, so that the
+     * next batch is fetched while this one arrives and not after it. */
     pthread_mutex_lock(&account->inflight_lock);
     int coming = inflight_find(account, folder_id, gap_uid) != NULL;
+    int planned = coming && fetched_or_coming(account, folder_id, window_end);
     pthread_mutex_unlock(&account->inflight_lock);
-    if (coming) /* planned already: the next gap appears once this batch lands */
+    if (planned)
         return step;
-    struct readahead_request request = { folder_id, gap_uid, step };
+    struct readahead_request request = { folder_id, gap_uid, step, coming ? window_end : 0 };
     pthread_mutex_lock(&account->readahead_lock);
     size_t i;
     for (i = 0; i < account->readahead_queued; i++)

@@ -1,0 +1,134 @@
+"""Read-ahead for a reader going through a folder in UID order (grep -r),
+against tests/integration/fakeimap.py, which can hold an answer back.
+
+* While one batch is still arriving, the next one is already asked for (on
+  another connection): otherwise each batch costs a full round trip to the
+  server after the last one, which on a real network (20-50 ms) is most of
+  a cold grep.  The fake holds every read-ahead answer after its first
+  message; with the reader blocked on the held batch, a second batch must
+  be asked for.
+* Read-ahead stays within its window and stops when the reader stops: after
+  reading the first messages of a large folder, nothing far beyond them is
+  fetched, and nothing more once the reader has stopped.  It never sets
+  \\Seen: every body fetch is BODY.PEEK[].
+
+Run: IMAPFS_BIN=build/imapfs /usr/bin/python3 -m pytest -v tests/integration/test_readahead.py
+"""
+
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fakeimap import Mailbox, Message, Sleep  # noqa: E402
+from test_hostile import rig  # noqa: E402,F401 (the fixture)
+from test_quirks import sized_message  # noqa: E402
+
+# fs/account.c: READAHEAD_MESSAGES (the window ahead of the reader) and
+# BATCH_MESSAGES (one UID FETCH)
+WINDOW = 512
+BATCH = 256
+
+
+def folder_of(count, size=600):
+    bodies = {uid: sized_message(uid, size) for uid in range(1, count + 1)}
+    return bodies, Mailbox("INBOX", messages=[Message(uid, bodies[uid]) for uid in sorted(bodies)])
+
+
+def body_fetches(srv):
+    """Records the UID sets of the BODY[] fetches the fake answers: [(uids, raw line)]."""
+    seen = []
+    lock = threading.Lock()
+
+    def hook(conn, cmd):
+        if conn.is_body_fetch(cmd) and conn.selected is not None:
+            with lock:
+                seen.append(([m.uid for _, m in conn.matched(cmd)], cmd.raw))
+        return None
+
+    srv.on("UID FETCH", hook)
+    return seen
+
+
+def test_next_batch_is_asked_for_while_the_current_one_arrives(rig):
+    bodies, box = folder_of(2000)
+    srv = rig.server(mailboxes=[box])
+    release = threading.Event()
+    held = []
+
+    def hold(conn, cmd):
+        """Read-ahead batches (not the reader's own first fetches, of UIDs
+        1 and 2): the first message now, the rest once released."""
+        if not conn.is_body_fetch(cmd) or conn.selected is None:
+            return None
+        matched = conn.matched(cmd)
+        if len(matched) < 2 or matched[0][1].uid < 3:
+            return None
+        script = conn.default(cmd)
+        conn.send(script[0])
+        held.append([m.uid for _, m in matched])
+        release.wait(60)
+        return script[1:]
+
+    srv.on("UID FETCH", hold)
+    # a network timeout longer than the hold: a timed-out batch is fetched
+    # again on a fresh connection, which is not what this test looks for
+    m = rig.mounted(srv, options=["cache_dir=none"], connections=3, timeout=90)
+    read, errors = {}, []
+
+    def reader():
+        try:
+            for uid in sorted(bodies):
+                with open(m.path("INBOX", f"{uid}.eml"), "rb") as f:
+                    read[uid] = f.read()
+        except OSError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while len(held) < 2 and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.05)
+        held_at_once = [list(h) for h in held]
+    finally:
+        release.set()
+        thread.join(120)
+    assert not thread.is_alive(), "the reader is still blocked after the release"
+    assert not errors, errors
+    assert len(held_at_once) >= 2, \
+        (f"while a read-ahead batch was arriving (UIDs {held_at_once[0][0]}-"
+         f"{held_at_once[0][-1]}), the reader waited and no next batch was asked for")
+    first, second = held_at_once[0], held_at_once[1]
+    assert not set(first) & set(second), "the same message asked for twice"
+    wrong = [uid for uid in bodies if read.get(uid) != bodies[uid]]
+    assert not wrong, f"wrong bytes for {wrong[:10]}"
+    m.finish()
+
+
+def test_read_ahead_stays_in_its_window_and_stops_with_the_reader(rig):
+    bodies, box = folder_of(4000)
+    srv = rig.server(mailboxes=[box])
+    seen = body_fetches(srv)
+    # a server 0.1 s away: the reader keeps meeting batches still in flight,
+    # and each such read must not ask for more than the window
+    srv.on("UID FETCH", lambda conn, cmd: [Sleep(0.1)] + conn.default(cmd)
+           if conn.is_body_fetch(cmd) else None)
+    m = rig.mounted(srv, options=["cache_dir=none"], connections=3)
+    last_read = 600
+    for uid in range(1, last_read + 1):
+        with open(m.path("INBOX", f"{uid}.eml"), "rb") as f:
+            assert f.read() == bodies[uid], uid
+    time.sleep(1.0)         # whatever was asked for arrives
+    count = len(seen)
+    fetched = sorted({uid for uids, _ in seen for uid in uids})
+    time.sleep(1.0)
+    assert len(seen) == count, f"fetches went on after the reader stopped: {seen[count:]}"
+    # at most a window and a batch beyond the last message read
+    assert fetched[-1] <= last_read + WINDOW + BATCH, \
+        f"read-ahead went to UID {fetched[-1]} for a reader that stopped at {last_read}"
+    assert fetched[-1] > last_read, "no read-ahead at all"
+    not_peek = [raw for _, raw in seen if b"BODY.PEEK[]" not in raw.upper()]
+    assert not not_peek, f"body fetches that set \\Seen: {not_peek[:3]}"
+    m.finish()
