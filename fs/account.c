@@ -37,8 +37,8 @@
 struct readahead_request {
     uint32_t folder_id, from_uid;
     int step;                       /* 1 or -1: the reader's direction */
-    uint32_t window_end;            /* 0, or the reader's window end: nothing to do
-                                       once that message is cached or in flight */
+    uint32_t window_end;            /* the reader's window ends there: a batch
+                                       starts at or before it */
 };
 
 /* Read-ahead threads, each fetching one batch on a connection of its own:
@@ -1749,11 +1749,14 @@ static int store_body(void *context, uint32_t uid, char *body, size_t len)
  * -1: downwards, for a reader going backwards), skipping what is
  * cached or already in flight, up to limit messages / BATCH_BYTES, and marks
  * them in flight.  With must_include, the message at first_uid is taken
- * whatever its state (the caller checked it is missing).  Caller holds
- * inflight_lock; takes the cache lock. */
+ * whatever its state (the caller checked it is missing).  With window_end
+ * (read-ahead), the batch must start at or before that UID: a request made
+ * for a reader's window plans nothing once the window is planned, however
+ * late it is taken, and read-ahead never goes further than a batch past the
+ * window.  Caller holds inflight_lock; takes the cache lock. */
 static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t first_uid,
-                      int step, size_t limit, int must_include, uint32_t *uids, size_t *count,
-                      uint32_t *uidvalidity, char **mailbox)
+                      int step, size_t limit, int must_include, uint32_t window_end,
+                      uint32_t *uids, size_t *count, uint32_t *uidvalidity, char **mailbox)
 {
     struct cache_folder *folder;
     uint64_t bytes = 0;
@@ -1787,6 +1790,9 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t f
          message += step, examined++) {
         if (!(must_include && message == first)) {
             if (n && bytes + message->size > BATCH_BYTES)
+                break;
+            if (!n && window_end &&
+                (step > 0 ? message->uid > window_end : message->uid < window_end))
                 break;
             if (cache_body_contains(account->bodies, folder_id, *uidvalidity, message->uid) ||
                 inflight_find(account, folder_id, message->uid))
@@ -1932,13 +1938,9 @@ static void *readahead_main(void *arg)
         size_t count = 0;
         char *mailbox = NULL;
         pthread_mutex_lock(&account->inflight_lock);
-        int ret = 0;
-        /* Requests queued while every thread was busy ask for the same
-         * window: the first one planned covers it, the rest are dropped. */
-        if (!request.window_end ||
-            !fetched_or_coming(account, request.folder_id, request.window_end))
-            ret = plan_batch(account, request.folder_id, request.from_uid, request.step,
-                             BATCH_MESSAGES, 0, uids, &count, &uidvalidity, &mailbox);
+        int ret = plan_batch(account, request.folder_id, request.from_uid, request.step,
+                             BATCH_MESSAGES, 0, request.window_end, uids, &count,
+                             &uidvalidity, &mailbox);
         pthread_mutex_unlock(&account->inflight_lock);
         if (ret == 0 && count) {
             struct body_batch batch = { account, mailbox, request.folder_id, uidvalidity, 0, NULL };
@@ -2023,7 +2025,7 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
     pthread_mutex_unlock(&account->inflight_lock);
     if (planned)
         return step;
-    struct readahead_request request = { folder_id, gap_uid, step, coming ? window_end : 0 };
+    struct readahead_request request = { folder_id, gap_uid, step, window_end };
     pthread_mutex_lock(&account->readahead_lock);
     size_t i;
     for (i = 0; i < account->readahead_queued; i++)
@@ -2089,7 +2091,7 @@ static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t u
     /* With a download budget, only what is read is fetched: read-ahead
      * would spend the budget on mail nobody asked for. */
     size_t batch_limit = step && !account->max_download ? BATCH_MESSAGES : 1;
-    ret = plan_batch(account, folder_id, uid, step ? step : 1, batch_limit, 1, uids, &count,
+    ret = plan_batch(account, folder_id, uid, step ? step : 1, batch_limit, 1, 0, uids, &count,
                      &uidvalidity, &mailbox);
     pthread_mutex_unlock(&account->inflight_lock);
     if (ret < 0) {

@@ -8,8 +8,9 @@ against tests/integration/fakeimap.py, which can hold an answer back.
   message; with the reader blocked on the held batch, a second batch must
   be asked for.
 * Read-ahead stays within its window and stops when the reader stops: after
-  reading the first messages of a large folder, nothing far beyond them is
-  fetched, and nothing more once the reader has stopped.  It never sets
+  reading the first messages of a large folder, nothing is fetched more than
+  a window and a batch beyond them (a batch starts inside the window of the
+  read that asked for it), and nothing more once the reader has stopped.  It never sets
   \\Seen: every body fetch is BODY.PEEK[].
 
 Run: IMAPFS_BIN=build/imapfs /usr/bin/python3 -m pytest -v tests/integration/test_readahead.py
