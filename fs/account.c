@@ -32,6 +32,8 @@
 
 #define BATCH_MESSAGES 256
 #define READAHEAD_MESSAGES 512    /* how far ahead of a scanning reader */
+#define READAHEAD_BYTES (32u << 20) /* ... or fewer messages when they add up to
+                                       more (a quarter of -o cache_size at most) */
 #define BATCH_BYTES (8u << 20)
 
 struct readahead_request {
@@ -91,6 +93,7 @@ struct fs_account {
     struct cache_bodies *bodies;
     double dir_cache_timeout;
     double idle_timeout;            /* -o idle_timeout: pooled sessions unused longer are dropped */
+    uint64_t readahead_bytes;       /* READAHEAD_BYTES, or less for a small cache_size */
 
     pthread_mutex_t pool_lock;
     pthread_cond_t pool_changed;
@@ -192,6 +195,10 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     account->idle_timeout = options->idle_timeout;
     account->cache = cache_new();
     account->bodies = cache_bodies_new(options->cache_bytes);
+    /* read ahead no more than the body cache holds well: what it evicted
+     * before the reader got there would be fetched twice */
+    account->readahead_bytes = options->cache_bytes / 4 < READAHEAD_BYTES ? options->cache_bytes / 4
+                                                                          : READAHEAD_BYTES;
     account->idle = calloc(options->connections, sizeof(*account->idle));
     account->notifier = fs_notifier_new();
     account->searches = fs_searches_new();
@@ -1987,11 +1994,6 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
         }
         folder->scan_uids[cursor] = uid;
         uidvalidity = folder->uidvalidity;
-        if (step > 0)
-            window_end = folder->messages[lo + READAHEAD_MESSAGES < folder->count
-                                              ? lo + READAHEAD_MESSAGES : folder->count - 1].uid;
-        else if (step < 0)
-            window_end = folder->messages[lo > READAHEAD_MESSAGES ? lo - READAHEAD_MESSAGES : 0].uid;
         /* The first message in the window that is not cached yet.  What this
          * reader's last call saw cached is not looked at again: a warm scan
          * would otherwise make READAHEAD_MESSAGES lookups per file. */
@@ -2011,6 +2013,23 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
                 break;
             }
             folder->scan_ahead[cursor] = next;
+        }
+        if (gap_uid) {
+            /* The window: READAHEAD_MESSAGES after this one, fewer when they
+             * add up to more than readahead_bytes (large messages), at least
+             * one.  A gap past it waits until the reader comes closer. */
+            uint64_t bytes = 0;
+            for (size_t w = 1; w <= READAHEAD_MESSAGES; w++) {
+                if (step > 0 ? lo + w >= folder->count : w > lo)
+                    break;
+                const struct cache_message *message = &folder->messages[step > 0 ? lo + w : lo - w];
+                bytes += message->size;
+                if (w > 1 && bytes > account->readahead_bytes)
+                    break;
+                window_end = message->uid;
+            }
+            if (step > 0 ? gap_uid > window_end : gap_uid < window_end)
+                gap_uid = 0;
         }
     }
     cache_unlock(account->cache);

@@ -10,7 +10,9 @@ against tests/integration/fakeimap.py, which can hold an answer back.
 * Read-ahead stays within its window and stops when the reader stops: after
   reading the first messages of a large folder, nothing is fetched more than
   a window and a batch beyond them (a batch starts inside the window of the
-  read that asked for it), and nothing more once the reader has stopped.  It never sets
+  read that asked for it), and nothing more once the reader has stopped.
+  For large messages the window is counted in bytes: a folder of 1 MB
+  messages is not read 512 messages ahead.  It never sets
   \\Seen: every body fetch is BODY.PEEK[].
 
 Run: IMAPFS_BIN=build/imapfs /usr/bin/python3 -m pytest -v tests/integration/test_readahead.py
@@ -26,10 +28,13 @@ from fakeimap import Mailbox, Message, Sleep  # noqa: E402
 from test_hostile import rig  # noqa: E402,F401 (the fixture)
 from test_quirks import sized_message  # noqa: E402
 
-# fs/account.c: READAHEAD_MESSAGES (the window ahead of the reader) and
-# BATCH_MESSAGES (one UID FETCH)
+# fs/account.c: READAHEAD_MESSAGES and READAHEAD_BYTES (the window ahead of
+# the reader, for the default cache_size), BATCH_MESSAGES and BATCH_BYTES
+# (one UID FETCH)
 WINDOW = 512
+WINDOW_BYTES = 32 << 20
 BATCH = 256
+BATCH_BYTES = 8 << 20
 
 
 def folder_of(count, size=600):
@@ -132,4 +137,26 @@ def test_read_ahead_stays_in_its_window_and_stops_with_the_reader(rig):
     assert fetched[-1] > last_read, "no read-ahead at all"
     not_peek = [raw for _, raw in seen if b"BODY.PEEK[]" not in raw.upper()]
     assert not not_peek, f"body fetches that set \\Seen: {not_peek[:3]}"
+    m.finish()
+
+
+def test_read_ahead_window_of_large_messages_is_counted_in_bytes(rig):
+    size = 1_000_000
+    bodies, box = folder_of(200, size=size)
+    srv = rig.server(mailboxes=[box])
+    seen = body_fetches(srv)
+    srv.on("UID FETCH", lambda conn, cmd: [Sleep(0.1)] + conn.default(cmd)
+           if conn.is_body_fetch(cmd) else None)
+    m = rig.mounted(srv, options=["cache_dir=none"], connections=4)
+    last_read = 30
+    for uid in range(1, last_read + 1):
+        with open(m.path("INBOX", f"{uid}.eml"), "rb") as f:
+            assert f.read() == bodies[uid], uid
+    time.sleep(2.0)
+    fetched = sorted({uid for uids, _ in seen for uid in uids})
+    bound = last_read + WINDOW_BYTES // size + BATCH_BYTES // size
+    assert fetched[-1] > last_read, "no read-ahead at all"
+    assert fetched[-1] <= bound, \
+        (f"read-ahead of {size}-byte messages went to UID {fetched[-1]} for a reader that "
+         f"stopped at {last_read} ({(fetched[-1] - last_read) * size / 2**20:.0f} MiB ahead)")
     m.finish()
