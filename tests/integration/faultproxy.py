@@ -7,7 +7,8 @@ still names the target's host (use 127.0.0.1 for both).
 
 What a test can tell it at runtime:
 
-* ``cut_all()``: close every current connection now (both sides).
+* ``cut_all()``: close every current connection now (both sides), and one
+  being made at that moment as soon as it is.
 * ``cut_after(c2s=None, s2c=None, scope="all", limit=None)``: close a
   connection once that many more bytes have been forwarded in that
   direction (client->server or server->client), counted from this call for
@@ -180,6 +181,7 @@ class FaultProxy:
         self._stopping = threading.Event()
         self._stalled = threading.Event()
         self._refusing = None           # None, "reset", "close", "unbind"
+        self._cut_epoch = 0             # cut_all() calls so far; under _lock
         self._cut_rule = None           # dict(c2s, s2c, scope, limit)
         self._listener = None
         self._thread = None
@@ -223,6 +225,8 @@ class FaultProxy:
             if self._stopping.is_set():
                 client.close()
                 break
+            with self._lock:
+                epoch = self._cut_epoch
             mode = self._refusing
             if mode in ("reset", "close"):
                 if mode == "reset":
@@ -239,6 +243,13 @@ class FaultProxy:
             for s in (client, server):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
+                # accepted before a refuse() or cut_all() that came while
+                # this connection was being made: it must not outlive them
+                if self._refusing or self._cut_epoch != epoch:
+                    for s in (client, server):
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        s.close()
+                    continue
                 pair = _Pair(self, client, server, self.connections_total)
                 self.connections_total += 1
                 rule = self._cut_rule
@@ -280,6 +291,7 @@ class FaultProxy:
         with self._lock:
             pairs = list(self._pairs)
             self.cuts += len(pairs)
+            self._cut_epoch += 1
         for pair in pairs:
             pair.close(reset)
 

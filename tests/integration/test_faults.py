@@ -42,10 +42,14 @@ def proxy(server):
 
 
 @pytest.fixture
-def faulty(mounter, proxy):
-    """imapfs on imaps:// through the proxy."""
+def faulty(mounter, proxy, tmp_path):
+    """imapfs on imaps:// through the proxy, with a persistent cache of its
+    own: the default one is named by the port, and a proxy of an earlier
+    test may have had this one (a body found there reads while the server
+    is unreachable)."""
     m = mounter(url=mounter.url(port=proxy.port),
-                options=mounter.default_options() + [f"timeout={TIMEOUT}", "connections=2"])
+                options=mounter.default_options() + [f"timeout={TIMEOUT}", "connections=2",
+                                                     f"cache_dir={tmp_path / 'cache'}"])
     return m
 
 
