@@ -113,19 +113,25 @@ def test_next_batch_is_asked_for_while_the_current_one_arrives(rig):
     m.finish()
 
 
-def test_read_ahead_stays_in_its_window_and_stops_with_the_reader(rig):
-    bodies, box = folder_of(4000)
+def read_first_from_a_slow_server(rig, count, size, last_read):
+    """A folder of count messages on a server 0.1 s away (the reader keeps
+    meeting batches still in flight); its first last_read messages read in
+    order, byte for byte.  Returns the mount and the fake's body fetches."""
+    bodies, box = folder_of(count, size=size)
     srv = rig.server(mailboxes=[box])
     seen = body_fetches(srv)
-    # a server 0.1 s away: the reader keeps meeting batches still in flight,
-    # and each such read must not ask for more than the window
     srv.on("UID FETCH", lambda conn, cmd: [Sleep(0.1)] + conn.default(cmd)
            if conn.is_body_fetch(cmd) else None)
-    m = rig.mounted(srv, options=["cache_dir=none"], connections=3)
-    last_read = 600
+    m = rig.mounted(srv, options=["cache_dir=none"], connections=4)
     for uid in range(1, last_read + 1):
         with open(m.path("INBOX", f"{uid}.eml"), "rb") as f:
             assert f.read() == bodies[uid], uid
+    return m, seen
+
+
+def test_read_ahead_stays_in_its_window_and_stops_with_the_reader(rig):
+    last_read = 600
+    m, seen = read_first_from_a_slow_server(rig, 4000, 600, last_read)
     time.sleep(1.0)         # whatever was asked for arrives
     count = len(seen)
     fetched = sorted({uid for uids, _ in seen for uid in uids})
@@ -141,18 +147,9 @@ def test_read_ahead_stays_in_its_window_and_stops_with_the_reader(rig):
 
 
 def test_read_ahead_window_of_large_messages_is_counted_in_bytes(rig):
-    size = 1_000_000
-    bodies, box = folder_of(200, size=size)
-    srv = rig.server(mailboxes=[box])
-    seen = body_fetches(srv)
-    srv.on("UID FETCH", lambda conn, cmd: [Sleep(0.1)] + conn.default(cmd)
-           if conn.is_body_fetch(cmd) else None)
-    m = rig.mounted(srv, options=["cache_dir=none"], connections=4)
-    last_read = 30
-    for uid in range(1, last_read + 1):
-        with open(m.path("INBOX", f"{uid}.eml"), "rb") as f:
-            assert f.read() == bodies[uid], uid
-    time.sleep(2.0)
+    size, last_read = 1_000_000, 30
+    m, seen = read_first_from_a_slow_server(rig, 200, size, last_read)
+    time.sleep(2.0)         # whatever was asked for arrives
     fetched = sorted({uid for uids, _ in seen for uid in uids})
     bound = last_read + WINDOW_BYTES // size + BATCH_BYTES // size
     assert fetched[-1] > last_read, "no read-ahead at all"
