@@ -242,8 +242,8 @@ struct cache_disk {
     long pid;                   /* in temporary names; getpid is a system call */
     uint64_t temp_counter;      /* atomic: makes temporary names unique */
     uint64_t pack_seed;         /* pack names: seed + counter, unique per open */
-    pthread_mutex_t pack_lock;  /* protects pack_buffer */
-    unsigned char *pack_buffer; /* DIRECT_CHUNK, aligned, reused: see write_direct */
+    pthread_mutex_t direct_lock;    /* protects direct_buffer */
+    unsigned char *direct_buffer;   /* DIRECT_CHUNK, aligned, reused: see write_direct */
 
     pthread_mutex_t lock;       /* protects everything below */
     uint64_t usage;             /* sizes of the body files in DIR/m */
@@ -364,32 +364,37 @@ static int transfer_all(int fd, struct iovec *iov, int iovcnt, bool writing)
     return 0;
 }
 
+/* items with its capacity doubled (to first if it had none), or NULL with
+ * items and *capacity unchanged. */
+static void *grow(void *items, size_t *capacity, size_t item_size, size_t first)
+{
+    size_t want = *capacity ? *capacity * 2 : first;
+    void *grown = reallocarray(items, want, item_size);
+    if (grown)
+        *capacity = want;
+    return grown;
+}
+
 #define DIRECT_ALIGN 4096
 #define DIRECT_CHUNK (1u << 20)
 #define DIRECT_MIN (64u << 10)      /* smaller files: buffered (see below) */
 
-/* Writes iov (size bytes in all) to the new file DIR/temp with O_DIRECT,
- * through one reused, aligned 1 MiB buffer, and cuts the file to size.
+/* Writes iov (size bytes in all) to fd, opened with O_DIRECT, through one
+ * reused, aligned 1 MiB buffer, and cuts the file to size.
  * A buffered write would copy the bytes into page-cache pages allocated for
  * them, and on a VM whose host takes freed memory back (free page
  * reporting) every new page is a fault to the host: for a scan's bodies
  * that copy cost more CPU than everything else a cold grep does (perf: 34 %
  * of the daemon).  The buffer stays mapped, so filling it costs a memcpy.
- * For a file of a few KiB, O_DIRECT costs more than it saves (one
- * synchronous request each, measured in session 5), hence DIRECT_MIN.
- * -EINVAL: the file system (ramfs; tmpfs before Linux 6.6) refuses it, or no
- * buffer; the caller writes buffered instead, from the start. */
-static int write_direct(struct cache_disk *disk, const char *temp, const struct iovec *iov,
-                        int iovcnt, uint64_t size)
+ * -EINVAL: a write was refused, or there is no buffer. */
+static int write_direct(struct cache_disk *disk, int fd, const struct iovec *iov, int iovcnt,
+                        uint64_t size)
 {
-    int fd = openat(disk->dir_fd, temp, O_WRONLY | O_DIRECT | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0)
-        return -EINVAL;
-    pthread_mutex_lock(&disk->pack_lock);
+    pthread_mutex_lock(&disk->direct_lock);
     int r = 0;
-    if (!disk->pack_buffer &&
-        posix_memalign((void **)&disk->pack_buffer, DIRECT_ALIGN, DIRECT_CHUNK) != 0) {
-        disk->pack_buffer = NULL;
+    if (!disk->direct_buffer &&
+        posix_memalign((void **)&disk->direct_buffer, DIRECT_ALIGN, DIRECT_CHUNK) != 0) {
+        disk->direct_buffer = NULL;
         r = -EINVAL;
     }
     int i = 0;
@@ -400,7 +405,7 @@ static int write_direct(struct cache_disk *disk, const char *temp, const struct 
             size_t take = iov[i].iov_len - in;
             if (take > DIRECT_CHUNK - fill)
                 take = DIRECT_CHUNK - fill;
-            memcpy(disk->pack_buffer + fill, (const char *)iov[i].iov_base + in, take);
+            memcpy(disk->direct_buffer + fill, (const char *)iov[i].iov_base + in, take);
             fill += take;
             in += take;
             if (in == iov[i].iov_len) {
@@ -409,39 +414,41 @@ static int write_direct(struct cache_disk *disk, const char *temp, const struct 
             }
         }
         size_t out = (fill + DIRECT_ALIGN - 1) / DIRECT_ALIGN * DIRECT_ALIGN;
-        memset(disk->pack_buffer + fill, 0, out - fill);
-        struct iovec chunk = {.iov_base = disk->pack_buffer, .iov_len = out};
+        memset(disk->direct_buffer + fill, 0, out - fill);
+        struct iovec chunk = {.iov_base = disk->direct_buffer, .iov_len = out};
         if (out)
             r = transfer_all(fd, &chunk, 1, true);
     }
-    pthread_mutex_unlock(&disk->pack_lock);
+    pthread_mutex_unlock(&disk->direct_lock);
     if (r == 0 && ftruncate(fd, (off_t)size) < 0)
-        r = -errno;
-    if (close(fd) < 0 && r == 0)
         r = -errno;
     return r;
 }
 
-/* Writes iov to fd (DIR/temp, new and empty): directly when large enough,
- * else, or when that is refused, buffered. */
-static int write_contents(struct cache_disk *disk, int fd, const char *temp, struct iovec *iov,
-                          int iovcnt, uint64_t size)
+/* Writes iov (size bytes in all) to fd, a new and empty file: with O_DIRECT
+ * from DIRECT_MIN bytes on, buffered below that (for a file of a few KiB,
+ * O_DIRECT costs more than it saves: one synchronous request each, measured
+ * in session 5) and where the file system refuses O_DIRECT (ramfs; tmpfs
+ * before Linux 6.6). */
+static int write_contents(struct cache_disk *disk, int fd, struct iovec *iov, int iovcnt,
+                          uint64_t size)
 {
-    if (size >= DIRECT_MIN) {
-        int r = write_direct(disk, temp, iov, iovcnt, size);
+    int flags = size >= DIRECT_MIN ? fcntl(fd, F_GETFL) : -1;
+    if (flags >= 0 && fcntl(fd, F_SETFL, flags | O_DIRECT) == 0) {
+        int r = write_direct(disk, fd, iov, iovcnt, size);
         if (r != -EINVAL)
             return r;
-        if (ftruncate(fd, 0) < 0)
+        /* refused after all: from the start, buffered */
+        if (fcntl(fd, F_SETFL, flags) < 0 || ftruncate(fd, 0) < 0 || lseek(fd, 0, SEEK_SET) < 0)
             return -errno;
     }
     return transfer_all(fd, iov, iovcnt, true);
 }
 
 /* Writes iov (size bytes in all) to a new file in DIR/tmp, its relative
- * path in temp; with direct, as write_contents does.  0 or -errno (nothing
- * left behind). */
+ * path in temp.  0 or -errno (nothing left behind). */
 static int write_temp_iov(struct cache_disk *disk, struct iovec *iov, int iovcnt, uint64_t size,
-                          bool direct, char *temp)
+                          char *temp)
 {
     int fd = -1;
     /* mkstemp would want a path from the cwd, which fuse_daemonize moves to
@@ -463,8 +470,7 @@ static int write_temp_iov(struct cache_disk *disk, struct iovec *iov, int iovcnt
     if (fchmod(fd, 0600) < 0)
         r = -errno;
     if (r == 0)
-        r = direct ? write_contents(disk, fd, temp, iov, iovcnt, size)
-                   : transfer_all(fd, iov, iovcnt, true);
+        r = write_contents(disk, fd, iov, iovcnt, size);
     if (close(fd) < 0 && r == 0)
         r = -errno;
     if (r != 0)
@@ -483,7 +489,7 @@ static int write_temp(struct cache_disk *disk, uint32_t kind, const void *payloa
         {.iov_base = header, .iov_len = HEADER_SIZE},
         {.iov_base = (void *)payload, .iov_len = len},
     };
-    return write_temp_iov(disk, iov, 2, HEADER_SIZE + (uint64_t)len, kind == KIND_BODY, temp);
+    return write_temp_iov(disk, iov, 2, HEADER_SIZE + (uint64_t)len, temp);
 }
 
 /* Writes a whole file that is not a body (no byte accounting): temp, then
@@ -902,6 +908,7 @@ struct pack_entry {
 
 struct pack_file {
     char name[18];      /* "p" + 16 hex digits; "" once removed */
+    time_t touched;     /* monotonic second we last set its mtime, 0 never */
 };
 
 struct pack_group {
@@ -994,14 +1001,14 @@ static int64_t pack_add(struct pack_group *group, const char *name)
     if (group->pack_count == UINT32_MAX - 1)
         return -ENOMEM;
     if (group->pack_count == group->pack_capacity) {
-        size_t capacity = group->pack_capacity ? group->pack_capacity * 2 : 16;
-        struct pack_file *packs = reallocarray(group->packs, capacity, sizeof *packs);
+        struct pack_file *packs = grow(group->packs, &group->pack_capacity, sizeof *packs, 16);
         if (!packs)
             return -ENOMEM;
         group->packs = packs;
-        group->pack_capacity = capacity;
     }
-    snprintf(group->packs[group->pack_count].name, sizeof group->packs[0].name, "%s", name);
+    struct pack_file *pack = &group->packs[group->pack_count];
+    snprintf(pack->name, sizeof pack->name, "%s", name);
+    pack->touched = 0;
     return (int64_t)group->pack_count++;
 }
 
@@ -1167,18 +1174,26 @@ static struct pack_group *group_locked(struct cache_disk *disk, uint64_t hash,
     return group;
 }
 
-/* Where a packed body is: the pack's path and its entry.  Caller holds the
- * lock and has checked the mailbox is ours. */
+/* Where a packed body is: the pack's path and its entry.  With touch, also
+ * whether the reader should set the pack's mtime (the LRU order): once a
+ * second is enough, where a scan reads up to 512 bodies of one pack.
+ * Caller holds the lock and has checked the mailbox is ours. */
 static bool pack_lookup_locked(struct cache_disk *disk, uint64_t hash, uint32_t uidvalidity,
-                               uint32_t uid, char *rel, struct pack_entry *found)
+                               uint32_t uid, char *rel, struct pack_entry *found, bool *touch)
 {
     struct pack_group *group = group_locked(disk, hash, uidvalidity);
     struct pack_entry *entry = group ? entry_find(group, uid) : NULL;
     if (!entry)
         return false;
     *found = *entry;
-    snprintf(rel, REL_MAX, "m/%016" PRIx64 "/%" PRIu32 "/%s", hash, uidvalidity,
-             group->packs[entry->pack].name);
+    struct pack_file *pack = &group->packs[entry->pack];
+    snprintf(rel, REL_MAX, "m/%016" PRIx64 "/%" PRIu32 "/%s", hash, uidvalidity, pack->name);
+    if (touch) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+        *touch = pack->touched != now.tv_sec;
+        pack->touched = now.tv_sec;
+    }
     return true;
 }
 
@@ -1203,7 +1218,7 @@ static void pack_removed_locked(struct cache_disk *disk, const char *rel)
 /* Reads one packed body (see cache_disk_body_load).  A body failing its
  * checksum, or a pack shorter than its index says, removes the pack. */
 static int pack_load(struct cache_disk *disk, const char *rel, const struct pack_entry *entry,
-                     char **data, size_t *len)
+                     bool touch, char **data, size_t *len)
 {
     int fd = openat(disk->dir_fd, rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
@@ -1232,7 +1247,8 @@ static int pack_load(struct cache_disk *disk, const char *rel, const struct pack
         close(fd);
         return -ENOENT;
     }
-    futimens(fd, NULL);     /* the LRU order; failure only costs accuracy */
+    if (touch)
+        futimens(fd, NULL);     /* the LRU order; failure only costs accuracy */
     close(fd);
     body[entry->length] = '\0';
     *data = body;
@@ -1259,12 +1275,10 @@ static int collect_victim(void *ctx, const char *rel, const struct stat *st)
 {
     struct victims *victims = ctx;
     if (victims->count == victims->capacity) {
-        size_t capacity = victims->capacity ? victims->capacity * 2 : 1024;
-        struct victim *items = reallocarray(victims->items, capacity, sizeof *items);
+        struct victim *items = grow(victims->items, &victims->capacity, sizeof *items, 1024);
         if (!items)
             return -ENOMEM;
         victims->items = items;
-        victims->capacity = capacity;
     }
     struct victim *victim = &victims->items[victims->count++];
     victim->mtime = st->st_mtim;
@@ -1467,7 +1481,7 @@ struct cache_disk *cache_disk_open(const char *dir, uint64_t max_bytes, char *er
 
     struct cache_disk *disk = calloc(1, sizeof *disk);
     if (!disk || pthread_mutex_init(&disk->lock, NULL) != 0 ||
-        pthread_mutex_init(&disk->pack_lock, NULL) != 0) {
+        pthread_mutex_init(&disk->direct_lock, NULL) != 0) {
         snprintf(err, errlen, "out of memory");
         free(disk);
         close(lock_fd);
@@ -1518,8 +1532,8 @@ void cache_disk_close(struct cache_disk *disk)
         free(owner);
     }
     pthread_mutex_destroy(&disk->lock);
-    pthread_mutex_destroy(&disk->pack_lock);
-    free(disk->pack_buffer);
+    pthread_mutex_destroy(&disk->direct_lock);
+    free(disk->direct_buffer);
     close(disk->lock_fd);   /* releases the flock */
     close(disk->dir_fd);
     free(disk);
@@ -1537,14 +1551,15 @@ int cache_disk_body_load(struct cache_disk *disk, const char *mailbox, uint32_t 
     uint64_t hash = mailbox_hash(mailbox);
     char rel[REL_MAX];
     struct pack_entry entry;
+    bool touch = false;
     lock_disk(disk);
     bool ours = ownership_locked(disk, hash, mailbox) == OWNED_BY_MAILBOX;
-    bool packed = ours && pack_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry);
+    bool packed = ours && pack_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry, &touch);
     unlock_disk(disk);
     if (!ours)
         return -ENOENT;
     if (packed) {
-        int r = pack_load(disk, rel, &entry, data, len);
+        int r = pack_load(disk, rel, &entry, touch, data, len);
         if (r != -ENOENT)
             return r;
     }
@@ -1739,7 +1754,7 @@ int cache_disk_bodies_save(struct cache_disk *disk, const char *mailbox, uint32_
 
     uint64_t hash = mailbox_hash(mailbox);
     char temp[REL_MAX];
-    r = write_temp_iov(disk, iov, (int)count + 2, size, true, temp);
+    r = write_temp_iov(disk, iov, (int)count + 2, size, temp);
     if (r == 0) {
         struct pack_install pack = {.hash = hash, .uidvalidity = uidvalidity, .items = items,
                                     .count = count, .file_size = size};
@@ -1761,7 +1776,7 @@ int cache_disk_body_present(struct cache_disk *disk, const char *mailbox, uint32
     struct pack_entry entry;
     lock_disk(disk);
     bool ours = ownership_locked(disk, hash, mailbox) == OWNED_BY_MAILBOX;
-    bool packed = ours && pack_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry);
+    bool packed = ours && pack_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry, NULL);
     unlock_disk(disk);
     if (!ours)
         return 0;

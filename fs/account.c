@@ -1915,19 +1915,6 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
 
 #define SCAN_GAP 8              /* "sequential": within 8 messages of the last read */
 
-/* Whether the message is cached or being fetched.  Caller holds
- * inflight_lock; takes the cache lock. */
-static int fetched_or_coming(struct fs_account *account, uint32_t folder_id, uint32_t uid)
-{
-    if (inflight_find(account, folder_id, uid))
-        return 1;
-    cache_lock(account->cache);
-    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
-    int cached = folder && cache_body_contains(account->bodies, folder_id, folder->uidvalidity, uid);
-    cache_unlock(account->cache);
-    return cached;
-}
-
 static void *readahead_main(void *arg)
 {
     struct fs_account *account = arg;
@@ -1969,7 +1956,7 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
 {
     const size_t cursors = sizeof(((struct cache_folder *)0)->scan_uids) / sizeof(uint32_t);
     uint32_t uidvalidity = 0, gap_uid = 0, window_end = 0;
-    int step = 0;
+    int step = 0, end_cached = 0;
 
     cache_lock(account->cache);
     struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
@@ -2030,6 +2017,9 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
             }
             if (step > 0 ? gap_uid > window_end : gap_uid < window_end)
                 gap_uid = 0;
+            else
+                end_cached = cache_body_contains(account->bodies, folder_id, uidvalidity,
+                                                 window_end);
         }
     }
     cache_unlock(account->cache);
@@ -2039,8 +2029,8 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
      * window's far end says whether another batch is wanted, so that the
      * next batch is fetched while this one arrives and not after it. */
     pthread_mutex_lock(&account->inflight_lock);
-    int coming = inflight_find(account, folder_id, gap_uid) != NULL;
-    int planned = coming && fetched_or_coming(account, folder_id, window_end);
+    int planned = inflight_find(account, folder_id, gap_uid) &&
+                  (end_cached || inflight_find(account, folder_id, window_end));
     pthread_mutex_unlock(&account->inflight_lock);
     if (planned)
         return step;

@@ -1005,30 +1005,47 @@ static void test_hash_collision(void)
 
 /* ------------------------------------------------------------- packs */
 
-/* The one pack file in DIR/m/HASH(mailbox)/uidvalidity, into path; false if
- * there is not exactly one, or anything else is there. */
-static bool only_pack(char *path, size_t size, const char *dir, const char *mailbox,
+#define PATH_SIZE 512
+
+/* The pack files in DIR/m/HASH(mailbox)/uidvalidity, the first max of them
+ * into paths: how many there are, or -1 if anything else is there too (or
+ * there is no such directory). */
+static int pack_files(char (*paths)[PATH_SIZE], int max, const char *dir, const char *mailbox,
                       uint32_t uidvalidity)
 {
-    char sub[200];
-    snprintf(sub, sizeof sub, "%s/m/%016" PRIx64 "/%" PRIu32, dir, fnv1a(mailbox), uidvalidity);
+    char sub[PATH_SIZE];
+    mailbox_path(sub, sizeof sub, dir, mailbox);
+    snprintf(sub + strlen(sub), sizeof sub - strlen(sub), "/%" PRIu32, uidvalidity);
     DIR *d = opendir(sub);
     if (!d)
-        return false;
+        return -1;
     int packs = 0, others = 0;
     struct dirent *entry;
     while ((entry = readdir(d))) {
         if (entry->d_name[0] == '.')
             continue;
         if (entry->d_name[0] == 'p' && strlen(entry->d_name) == 17) {
+            if (packs < max)
+                snprintf(paths[packs], PATH_SIZE, "%s/%s", sub, entry->d_name);
             packs++;
-            snprintf(path, size, "%s/%s", sub, entry->d_name);
         } else {
             others++;
         }
     }
     closedir(d);
-    return packs == 1 && others == 0;
+    return others ? -1 : packs;
+}
+
+/* The one pack file of mailbox/uidvalidity, into path; false if there is not
+ * exactly one, or anything else is there. */
+static bool only_pack(char *path, size_t size, const char *dir, const char *mailbox,
+                      uint32_t uidvalidity)
+{
+    char paths[1][PATH_SIZE];
+    if (pack_files(paths, 1, dir, mailbox, uidvalidity) != 1)
+        return false;
+    snprintf(path, size, "%s", paths[0]);
+    return true;
 }
 
 static uint64_t get_le(const unsigned char *p, int bytes)
@@ -1084,7 +1101,7 @@ static void test_pack_round_trip(void)
 
     /* One file, in the documented format: header (kind 5) over the table of
      * contents, then the bodies in its order. */
-    char path[256];
+    char path[PATH_SIZE];
     CHECK(only_pack(path, sizeof path, dir, "INBOX", 7));
     size_t size;
     unsigned char *file = read_whole(path, &size);
@@ -1153,7 +1170,7 @@ static void check_damaged_pack(void (*damage)(const char *path), bool damages_to
     }
     CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items, 3), 0);
     cache_disk_close(disk);
-    char path[256];
+    char path[PATH_SIZE];
     CHECK(only_pack(path, sizeof path, dir, "INBOX", 7));
     damage(path);
 
@@ -1188,11 +1205,6 @@ static void check_damaged_pack(void (*damage)(const char *path), bool damages_to
         free(bodies[i]);
 }
 
-static void cut_tail(const char *path)
-{
-    CHECK_EQ_INT(truncate(path, file_size(path) - 5), 0);
-}
-
 static void flip_in_second_body(const char *path)
 {
     flip_byte(path, 32 + 8 + 3 * 16 + 2000 + 1000);
@@ -1214,7 +1226,7 @@ static void zero_the_end(const char *path)
 
 static void test_damaged_packs(void)
 {
-    check_damaged_pack(cut_tail, true);
+    check_damaged_pack(damage_truncate, true);
     check_damaged_pack(flip_in_second_body, false);
     check_damaged_pack(flip_in_toc, true);
     check_damaged_pack(zero_the_end, false);
@@ -1258,35 +1270,27 @@ static void test_pack_eviction_and_drop(void)
         return;
     char *body = make_body(500, 3);
     time_t now = time(NULL);
-    char paths[5][512];
+    char paths[4][PATH_SIZE];
     for (uint32_t pack = 0; pack < 4; pack++) {
         struct cache_disk_item items[] = {{10 * pack + 1, body, 500}, {10 * pack + 2, body, 500}};
         CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, items, 2), 0);
     }
     /* Name each pack by what it holds, and age them: pack 0 oldest. */
-    char sub[200];
-    snprintf(sub, sizeof sub, "%s/m/%016" PRIx64 "/7", dir, fnv1a("INBOX"));
-    DIR *d = opendir(sub);
-    struct dirent *entry;
-    int found = 0;
-    while (d && (entry = readdir(d))) {
-        if (entry->d_name[0] != 'p')
-            continue;
-        char path[512];
-        snprintf(path, sizeof path, "%s/%s", sub, entry->d_name);
+    char found[4][PATH_SIZE];
+    CHECK_EQ_INT(pack_files(found, 4, dir, "INBOX", 7), 4);
+    for (int i = 0; i < 4; i++) {
         size_t size;
-        unsigned char *file = read_whole(path, &size);
+        unsigned char *file = read_whole(found[i], &size);
+        CHECK(file != NULL);
         if (!file)
             continue;
         uint32_t first = (uint32_t)get_le(file + 40, 4);
         free(file);
-        snprintf(paths[first / 10], sizeof paths[0], "%s", path);
-        set_mtime(path, now - 1000 + first);
-        found++;
+        CHECK(first % 10 == 1 && first / 10 < 4);
+        if (first / 10 < 4)
+            memcpy(paths[first / 10], found[i], PATH_SIZE);
+        set_mtime(found[i], now - 1000 + first);
     }
-    if (d)
-        closedir(d);
-    CHECK_EQ_INT(found, 4);
     CHECK_EQ_INT(cache_disk_usage(disk), 4 * 1072);
 
     /* Reading a body of the oldest makes its whole pack the newest. */
@@ -1314,8 +1318,9 @@ static void test_pack_eviction_and_drop(void)
     struct cache_disk_item large[] = {{50, big, 2500}, {51, big, 2500}};
     CHECK_EQ_INT(cache_disk_bodies_save(disk, "INBOX", 7, large, 2), 0);
     CHECK(cache_disk_body_present(disk, "INBOX", 7, 51));
-    body_path(sub, sizeof sub, dir, "INBOX", 7, 51);
-    CHECK(exists(sub));
+    char path[PATH_SIZE];
+    body_path(path, sizeof path, dir, "INBOX", 7, 51);
+    CHECK(exists(path));
     CHECK(cache_disk_usage(disk) <= 5200);
     CHECK_EQ_INT(cache_disk_usage(disk), bytes_on_disk(dir));
     free(big);
