@@ -141,6 +141,8 @@ struct fs_account {
                                        cached" warning: one a minute, not one a listing */
 
     pthread_mutex_t quota_lock;
+    int quota_capable;              /* the server has QUOTA: 1, 0, -1 not known yet (offline
+                                       mount); protected by quota_lock */
     double quota_at;                /* when last asked; protected by quota_lock */
     int quota_known;                /* protected by quota_lock */
     uint64_t quota_used, quota_limit; /* bytes; protected by quota_lock */
@@ -165,6 +167,7 @@ struct fs_account {
 static void unsolicited(void *context, struct imap_session *session,
                         const struct imap_response *response);
 static void *readahead_main(void *arg);
+static void quota_ask(struct fs_account *account, struct imap_session *session);
 static char *folder_mailbox(struct fs_account *account, uint32_t folder_id);
 
 /* Timed waits count on the monotonic clock (timespec_of): a change of the
@@ -256,7 +259,11 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     if (*account->namespace_prefix)
         log_info("personal namespace prefix \"%s\" is not shown on the mount",
                  account->namespace_prefix);
+    account->quota_capable = -1;
     if (first) {
+        /* df right after mounting shows the quota; later asks never wait
+         * for a connection (fs_account_quota) */
+        quota_ask(account, first);
         imap_session_set_unsolicited(first, unsolicited, account);
         account->idle[account->idle_count++] = first;
         account->open_count = 1;
@@ -516,9 +523,45 @@ int fs_account_open_session(struct fs_account *account, struct imap_session **ou
     return open_session(account, out, err, errlen, &refreshed);
 }
 
-/* An idle session (preferring one with mailbox selected, and in the mode
- * wanted: reads leave read-write selections to changes, which then need
- * no SELECT before their command), or a new one.
+/* Takes an idle session, preferring one with mailbox selected and in the
+ * mode wanted (reads leave read-write selections to changes, which then
+ * need no SELECT before their command).  Sessions the server closed while
+ * idle, or unused so long that a NAT box may have dropped them, are closed
+ * on the way.  Returns 1 with *out set, 0 when none is idle.  Caller holds
+ * pool_lock, which is dropped while a dead session is closed. */
+static int take_idle_locked(struct fs_account *account, const char *mailbox, int writable,
+                            struct imap_session **out)
+{
+    while (account->idle_count > 0) {
+        size_t pick = account->idle_count - 1;
+        int pick_score = 0; /* 1: mailbox selected; 2: in the mode wanted */
+        for (size_t i = 0; mailbox && i < account->idle_count && pick_score < 2; i++) {
+            const char *selected = imap_session_selected(account->idle[i]);
+            if (!selected || strcmp(selected, mailbox) != 0)
+                continue;
+            int score = imap_session_selected_readonly(account->idle[i]) == !writable ? 2 : 1;
+            if (score > pick_score) {
+                pick = i;
+                pick_score = score;
+            }
+        }
+        *out = account->idle[pick];
+        account->idle[pick] = account->idle[--account->idle_count];
+        int forgotten = imap_session_idle_seconds(*out) >= account->idle_timeout;
+        if (!forgotten && imap_session_idle_ok(*out))
+            return 1;
+        account->open_count--;
+        pthread_mutex_unlock(&account->pool_lock);
+        log_debug("an idle connection was %s; dropping it",
+                  forgotten ? "unused too long" : "closed by the server");
+        imap_session_drop(*out);
+        *out = NULL;
+        pthread_mutex_lock(&account->pool_lock);
+    }
+    return 0;
+}
+
+/* An idle session, or a new one.
  * New connections back off after failures (0.25 s doubling to 10 s); a
  * request waits for the server at most the timeout, and once the server has
  * been gone longer than that, requests fail at once with EIO (cached data is
@@ -538,35 +581,7 @@ static int session_acquire_for(struct fs_account *account, const char *mailbox, 
     pthread_mutex_lock(&account->pool_lock);
     for (;;) {
         double now = now_monotonic();
-        if (account->idle_count > 0) {
-            size_t pick = account->idle_count - 1;
-            int pick_score = 0; /* 1: mailbox selected; 2: in the mode wanted */
-            for (size_t i = 0; mailbox && i < account->idle_count && pick_score < 2; i++) {
-                const char *selected = imap_session_selected(account->idle[i]);
-                if (!selected || strcmp(selected, mailbox) != 0)
-                    continue;
-                int score = imap_session_selected_readonly(account->idle[i]) == !writable ? 2 : 1;
-                if (score > pick_score) {
-                    pick = i;
-                    pick_score = score;
-                }
-            }
-            *out = account->idle[pick];
-            account->idle[pick] = account->idle[--account->idle_count];
-            int forgotten = imap_session_idle_seconds(*out) >= account->idle_timeout;
-            if (forgotten || !imap_session_idle_ok(*out)) {
-                /* closed by the server while idle (a restart, a timeout), or
-                 * unused so long that a NAT box may have dropped it: drop it
-                 * and look again */
-                account->open_count--;
-                pthread_mutex_unlock(&account->pool_lock);
-                log_debug("an idle connection was %s; dropping it",
-                          forgotten ? "unused too long" : "closed by the server");
-                imap_session_drop(*out);
-                *out = NULL;
-                pthread_mutex_lock(&account->pool_lock);
-                continue;
-            }
+        if (take_idle_locked(account, mailbox, writable, out)) {
             pthread_mutex_unlock(&account->pool_lock);
             return 0;
         }
@@ -2890,22 +2905,41 @@ int fs_account_rename_folder(struct fs_account *account, uint32_t parent_id, con
 
 #define QUOTA_SECONDS 60.0
 
+/* Asks the server for the STORAGE quota on session, if it has QUOTA.
+ * Caller holds quota_lock, or is the constructor. */
+static void quota_ask(struct fs_account *account, struct imap_session *session)
+{
+    uint64_t used_kib, limit_kib;
+
+    account->quota_capable = imap_session_has_capability(session, "QUOTA");
+    account->quota_at = now_monotonic(); /* also after a failure: df must stay quick */
+    if (!account->quota_capable)
+        return;
+    int ret = imap_quota_storage(session, "INBOX", &used_kib, &limit_kib);
+    account->quota_known = ret == 0;
+    if (ret == 0) {
+        account->quota_used = used_kib * 1024;
+        account->quota_limit = limit_kib * 1024;
+    }
+}
+
+/* statfs comes from every directory walk (grep -r, find and du call it in
+ * each directory they enter), so it never waits for the server: the quota
+ * is asked at mount, and again at most once a minute, and only on a
+ * connection that is idle right then.  Without one, df shows what was
+ * last known. */
 int fs_account_quota(struct fs_account *account, uint64_t *used, uint64_t *limit)
 {
     pthread_mutex_lock(&account->quota_lock);
-    double now = now_monotonic();
-    if (account->quota_at == 0 || now - account->quota_at > QUOTA_SECONDS) {
-        struct imap_session *session;
-        uint64_t used_kib, limit_kib;
-        account->quota_at = now; /* also after a failure: df must stay quick */
-        if (session_acquire(account, NULL, &session) == 0) {
-            int ret = imap_quota_storage(session, "INBOX", &used_kib, &limit_kib);
+    if (account->quota_capable != 0 &&
+        (account->quota_at == 0 || now_monotonic() - account->quota_at > QUOTA_SECONDS)) {
+        struct imap_session *session = NULL;
+        pthread_mutex_lock(&account->pool_lock);
+        int idle = take_idle_locked(account, NULL, 0, &session);
+        pthread_mutex_unlock(&account->pool_lock);
+        if (idle) {
+            quota_ask(account, session);
             session_release(account, session);
-            account->quota_known = ret == 0;
-            if (ret == 0) {
-                account->quota_used = used_kib * 1024;
-                account->quota_limit = limit_kib * 1024;
-            }
         }
     }
     int known = account->quota_known;

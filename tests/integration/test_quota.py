@@ -10,15 +10,28 @@ A Dovecot of its own with the quota plugin (imapserver.py
 ``quota_storage_kib``), started empty: messages are added by the tests.
 Because imapfs asks at most once a minute, a change is checked with a fresh
 mount, and the old mount is checked not to ask again.
+
+statfs never waits for the server: grep -r, find and du call it in every
+directory they enter, and a scan's first read must not queue behind a new
+connection (at a 50 ms round trip that was a quarter of a second before
+grep read anything).  The quota is asked at mount; with every connection
+busy (tests/integration/fakeimap.py holds them), df still answers at once,
+with the quota from the mount, or the large figures without QUOTA.
 """
 
 import os
 import re
 import subprocess
+import sys
+import time
 
 import pytest
 
 import imapserver
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fakeimap import STALL, CRLF, Mailbox, simple_message  # noqa: E402
+from test_hostile import rig  # noqa: E402,F401 (the fixture)
 
 LIMIT_KIB = 4096
 
@@ -113,3 +126,42 @@ def test_df_without_quota_large_and_no_error(mounter, server):
     assert m.log().split("\n", 1)[1].strip() == "", f"imapfs said something:\n{m.log()}"
     r = subprocess.run(["df", "-h", m.mountpoint], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+@pytest.mark.parametrize("quota", [True, False], ids=["QUOTA", "no QUOTA"])
+def test_df_does_not_wait_for_a_busy_server(rig, quota):
+    """Both connections of the mount are held by reads the fake never
+    answers; df must answer within a second, not wait the timeout (10 s)
+    for a connection."""
+    srv = rig.server(mailboxes=[Mailbox("INBOX", messages=[simple_message(1)]),
+                                Mailbox("Other", messages=[simple_message(1, folder="Other")])],
+                     capabilities=("IMAP4rev1", "QUOTA") if quota else ("IMAP4rev1",))
+    srv.on("GETQUOTAROOT", lambda conn, cmd: [
+        b'* QUOTAROOT "INBOX" ""' + CRLF, b'* QUOTA "" (STORAGE 100 1000)' + CRLF,
+        cmd.ok("GETQUOTAROOT completed")])
+    m = rig.mounted(srv, connections=2, timeout=10)
+    srv.on("UID FETCH", lambda conn, cmd: [STALL] if conn.is_body_fetch(cmd) else None)
+    readers = [subprocess.Popen(["cat", m.path(folder, "1.eml")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for folder in ("INBOX", "Other")]
+    try:
+        deadline = time.monotonic() + 10
+        while len({i for i, _, name, raw in srv.commands
+                   if name == "UID FETCH" and b"BODY" in raw.upper()}) < 2:
+            assert time.monotonic() < deadline, f"the reads did not reach the server:\n{m.log()}"
+            time.sleep(0.05)
+        t = time.monotonic()
+        st = os.statvfs(m.mountpoint)
+        elapsed = time.monotonic() - t
+        assert elapsed < 1.0, f"statfs took {elapsed:.1f}s with every connection busy"
+        if quota:   # asked once, at mount
+            assert (st.f_blocks * st.f_frsize, st.f_bfree * st.f_frsize) == \
+                (1000 * 1024, 900 * 1024), (st.f_blocks, st.f_bfree, st.f_frsize)
+            assert [name for _, _, name, _ in srv.commands].count("GETQUOTAROOT") == 1
+        else:
+            assert st.f_blocks * st.f_frsize >= 1 << 40 and st.f_bavail > 0, st
+            assert "GETQUOTAROOT" not in [name for _, _, name, _ in srv.commands]
+    finally:
+        srv.release_stalls()
+        for p in readers:
+            p.wait(30)
+    m.finish()
