@@ -158,6 +158,9 @@ struct fs_account {
     struct readahead_request readahead_queue[READAHEAD_QUEUE]; /* protected by readahead_lock */
     size_t readahead_queued;                    /* protected by readahead_lock */
     int readahead_stop;                         /* protected by readahead_lock */
+    int warm_wanted;                            /* connections to open ahead of a scan, and */
+    char *warm_mailbox;                         /* the folder to select on them; both
+                                                   protected by readahead_lock */
 
     pthread_mutex_t stream_lock;
     pthread_cond_t stream_grew;
@@ -291,6 +294,7 @@ void fs_account_free(struct fs_account *account)
         for (int i = 0; i < account->readahead_running; i++)
             pthread_join(account->readahead_threads[i], NULL);
     }
+    free(account->warm_mailbox);
     if (account->writer_running) {
         /* what is queued still gets written: it is a cache worth keeping */
         pthread_mutex_lock(&account->writer_lock);
@@ -743,6 +747,38 @@ static void session_release(struct fs_account *account, struct imap_session *ses
          * one after another, waiting out the timeout on each. */
         fs_account_prune_idle(account, account->config.timeout);
     }
+}
+
+/* Opens one more connection for read-ahead, if the pool may grow and the
+ * server has been answering, and selects mailbox on it.  A folder's first
+ * listing asks for these (fs_account_stream_begin): a scan (grep -r) that
+ * follows then finds its read-ahead connections ready instead of waiting
+ * for a connect, TLS, a login and a SELECT, six round trips (0.3 s at
+ * 50 ms).  Never waits; a failure is left for the next real request. */
+static void session_warm(struct fs_account *account, const char *mailbox)
+{
+    struct imap_session *session;
+    char err[512];
+    int refreshed = 0;
+
+    pthread_mutex_lock(&account->pool_lock);
+    int grow = !account->offline_since && account->open_count < account->max_connections;
+    if (grow)
+        account->open_count++;
+    pthread_mutex_unlock(&account->pool_lock);
+    if (!grow)
+        return;
+    if (open_session(account, &session, err, sizeof(err), &refreshed) < 0) {
+        log_debug("no connection opened ahead of a scan: %s", err);
+        pthread_mutex_lock(&account->pool_lock);
+        account->open_count--;
+        pthread_cond_broadcast(&account->pool_changed);
+        pthread_mutex_unlock(&account->pool_lock);
+        return;
+    }
+    imap_session_set_unsolicited(session, unsolicited, account);
+    imap_select(session, mailbox, 1, NULL); /* a failure shows in the session's state */
+    session_release(account, session);
 }
 
 /* ---------------------------------------------------------------- folders */
@@ -1539,6 +1575,25 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
  * waits only for the entries it is about to return.  Offsets are UIDs, so
  * the readdir that follows the end reads on from the folder's table. */
 
+/* A folder is listed for the first time: a reader may go through it next
+ * (grep -r, find, rsync, tar list a folder before they read it), so the
+ * read-ahead threads open their connections now, while the listing
+ * arrives.  Not with a download budget, which turns read-ahead off. */
+static void warm_for_scan(struct fs_account *account, uint32_t folder_id)
+{
+    if (account->max_download)
+        return;
+    char *mailbox = folder_mailbox(account, folder_id);
+    if (!mailbox)
+        return;
+    pthread_mutex_lock(&account->readahead_lock);
+    free(account->warm_mailbox);
+    account->warm_mailbox = mailbox;
+    account->warm_wanted = READAHEAD_THREADS;
+    pthread_cond_broadcast(&account->readahead_wake);
+    pthread_mutex_unlock(&account->readahead_lock);
+}
+
 int fs_account_stream_begin(struct fs_account *account, uint32_t folder_id)
 {
     if (fs_account_offline(account))
@@ -1568,6 +1623,8 @@ int fs_account_stream_begin(struct fs_account *account, uint32_t folder_id)
         }
     }
     pthread_mutex_unlock(&account->stream_lock);
+    if (ret == 1)
+        warm_for_scan(account, folder_id);
     return ret;
 }
 
@@ -1936,10 +1993,20 @@ static void *readahead_main(void *arg)
 
     pthread_mutex_lock(&account->readahead_lock);
     for (;;) {
-        while (!account->readahead_stop && !account->readahead_queued)
+        while (!account->readahead_stop && !account->readahead_queued && !account->warm_wanted)
             pthread_cond_wait(&account->readahead_wake, &account->readahead_lock);
         if (account->readahead_stop)
             break;
+        if (!account->readahead_queued) {
+            account->warm_wanted--;
+            char *mailbox = strdup(account->warm_mailbox);
+            pthread_mutex_unlock(&account->readahead_lock);
+            if (mailbox)
+                session_warm(account, mailbox);
+            free(mailbox);
+            pthread_mutex_lock(&account->readahead_lock);
+            continue;
+        }
         struct readahead_request request = account->readahead_queue[--account->readahead_queued];
         pthread_mutex_unlock(&account->readahead_lock);
 

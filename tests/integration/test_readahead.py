@@ -14,6 +14,11 @@ against tests/integration/fakeimap.py, which can hold an answer back.
   For large messages the window is counted in bytes: a folder of 1 MB
   messages is not read 512 messages ahead.  It never sets
   \\Seen: every body fetch is BODY.PEEK[].
+* A folder's first listing opens the read-ahead connections, with the
+  folder selected, before anything is read: a scan that follows finds them
+  ready (a connect, TLS, a login and a SELECT are six round trips, 0.3 s at
+  50 ms).  Nothing is fetched for it; with a download budget (no
+  read-ahead) it opens none.
 
 Run: IMAPFS_BIN=build/imapfs /usr/bin/python3 -m pytest -v tests/integration/test_readahead.py
 """
@@ -156,4 +161,44 @@ def test_read_ahead_window_of_large_messages_is_counted_in_bytes(rig):
     assert fetched[-1] <= bound, \
         (f"read-ahead of {size}-byte messages went to UID {fetched[-1]} for a reader that "
          f"stopped at {last_read} ({(fetched[-1] - last_read) * size / 2**20:.0f} MiB ahead)")
+    m.finish()
+
+
+def connections_selecting(srv, name):
+    """Indices of the fake's connections that selected or examined name."""
+    return {i for i, _, command, raw in srv.commands
+            if command in ("EXAMINE", "SELECT") and name.encode() in raw}
+
+
+def test_first_listing_opens_the_read_ahead_connections(rig):
+    bodies, box = folder_of(1000)
+    srv = rig.server(mailboxes=[box])
+    m = rig.mounted(srv, options=["cache_dir=none"], connections=4)
+    seen = body_fetches(srv)
+    os.listdir(m.path("INBOX"))
+    deadline = time.monotonic() + 10
+    while len(connections_selecting(srv, "INBOX")) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ready = connections_selecting(srv, "INBOX")
+    assert len(ready) == 4, \
+        f"after the first listing, {len(ready)} connection(s) have INBOX selected, not 4"
+    assert seen == [], f"fetched before anything was read: {seen[:3]}"
+    logins = len(srv.logins())
+    for uid in sorted(bodies):   # a scan: read-ahead on the connections made ready
+        with open(m.path("INBOX", f"{uid}.eml"), "rb") as f:
+            assert f.read() == bodies[uid], uid
+    assert len(srv.logins()) == logins, "the scan opened connections of its own"
+    assert {i for i, _, command, raw in srv.commands if command == "UID FETCH"
+            and b"BODY" in raw} <= ready, "a body was fetched on a connection not made ready"
+    m.finish()
+
+
+def test_no_connections_ahead_with_a_download_budget(rig):
+    bodies, box = folder_of(100)
+    srv = rig.server(mailboxes=[box])
+    m = rig.mounted(srv, options=["cache_dir=none", "max_download=100M"], connections=4)
+    logins = len(srv.logins())
+    os.listdir(m.path("INBOX"))
+    time.sleep(1.5)     # what a warm-up takes on 127.0.0.1, many times over
+    assert len(srv.logins()) == logins, "connections opened ahead of a scan with read-ahead off"
     m.finish()
