@@ -917,6 +917,15 @@ struct pack_group {
     size_t capacity, count;
     struct pack_file *packs;
     size_t pack_count, pack_capacity;
+    /* The UIDs with a body file of their own ("loose"), the same way: a
+     * load of a body in neither is a miss without an openat.  A scan's
+     * misses are most of its loads, and each failed openat left a negative
+     * dentry behind (10,000 per cold grep), slowing every path lookup on
+     * the machine.  Entries are not removed when a file goes (eviction, a
+     * torn file): such a UID is looked for on disk, as before. */
+    uint32_t *loose;            /* 0: a free slot */
+    size_t loose_capacity, loose_count;
+    bool loose_unknown;         /* out of memory once: every load looks on disk */
     struct pack_group *next;
 };
 
@@ -926,14 +935,20 @@ static void groups_free(struct pack_group *group)
         struct pack_group *next = group->next;
         free(group->slots);
         free(group->packs);
+        free(group->loose);
         free(group);
         group = next;
     }
 }
 
+static size_t uid_slot(uint32_t uid, size_t capacity)
+{
+    return (size_t)((uid * 0x9e3779b97f4a7c15ull) >> 32) & (capacity - 1);
+}
+
 static size_t slot_index(const struct pack_group *group, uint32_t uid)
 {
-    return (size_t)((uid * 0x9e3779b97f4a7c15ull) >> 32) & (group->capacity - 1);
+    return uid_slot(uid, group->capacity);
 }
 
 static struct pack_entry *entry_find(const struct pack_group *group, uint32_t uid)
@@ -1023,6 +1038,50 @@ static void pack_forget(struct pack_group *group, const char *name)
             entries_rebuild(group, group->count, (uint32_t)i);
             return;
         }
+}
+
+/* Whether uid may have a body file of its own. */
+static bool loose_maybe(const struct pack_group *group, uint32_t uid)
+{
+    if (group->loose_unknown)
+        return true;
+    for (size_t i = group->loose_capacity ? uid_slot(uid, group->loose_capacity) : 0;
+         group->loose_capacity; i = (i + 1) & (group->loose_capacity - 1)) {
+        if (group->loose[i] == uid)
+            return true;
+        if (group->loose[i] == 0)
+            return false;
+    }
+    return false;
+}
+
+static void loose_add(struct pack_group *group, uint32_t uid)
+{
+    if (group->loose_unknown || uid == 0 || loose_maybe(group, uid))
+        return;
+    if ((group->loose_count + 1) * 2 > group->loose_capacity) {
+        size_t capacity = group->loose_capacity ? group->loose_capacity * 2 : 64;
+        uint32_t *slots = calloc(capacity, sizeof *slots);
+        if (!slots) {
+            group->loose_unknown = true;
+            return;
+        }
+        for (size_t i = 0; i < group->loose_capacity; i++)
+            if (group->loose[i]) {
+                size_t j = uid_slot(group->loose[i], capacity);
+                while (slots[j])
+                    j = (j + 1) & (capacity - 1);
+                slots[j] = group->loose[i];
+            }
+        free(group->loose);
+        group->loose = slots;
+        group->loose_capacity = capacity;
+    }
+    size_t i = uid_slot(uid, group->loose_capacity);
+    while (group->loose[i])
+        i = (i + 1) & (group->loose_capacity - 1);
+    group->loose[i] = uid;
+    group->loose_count++;
 }
 
 /* One body of a pack, as its table of contents gives it. */
@@ -1138,6 +1197,19 @@ static void pack_index_locked(struct cache_disk *disk, struct pack_group *group,
     free(items);
 }
 
+/* The pack index of mailbox hash's UIDVALIDITY if it has been read, else
+ * NULL.  Caller holds the lock. */
+static struct pack_group *group_if_read_locked(struct cache_disk *disk, uint64_t hash,
+                                               uint32_t uidvalidity)
+{
+    struct owner *owner;
+    HASH_FIND(hh, disk->owners, &hash, sizeof hash, owner);
+    for (struct pack_group *group = owner ? owner->groups : NULL; group; group = group->next)
+        if (group->uidvalidity == uidvalidity)
+            return group;
+    return NULL;
+}
+
 /* The pack index of mailbox hash's UIDVALIDITY, read from disk the first
  * time.  NULL if the mailbox is not known to be ours (see ownership_locked)
  * or out of memory.  Caller holds the lock. */
@@ -1148,10 +1220,10 @@ static struct pack_group *group_locked(struct cache_disk *disk, uint64_t hash,
     HASH_FIND(hh, disk->owners, &hash, sizeof hash, owner);
     if (!owner)
         return NULL;
-    for (struct pack_group *group = owner->groups; group; group = group->next)
-        if (group->uidvalidity == uidvalidity)
-            return group;
-    struct pack_group *group = calloc(1, sizeof *group);
+    struct pack_group *group = group_if_read_locked(disk, hash, uidvalidity);
+    if (group)
+        return group;
+    group = calloc(1, sizeof *group);
     if (!group)
         return NULL;
     group->uidvalidity = uidvalidity;
@@ -1166,8 +1238,14 @@ static struct pack_group *group_locked(struct cache_disk *disk, uint64_t hash,
                 snprintf(rel, sizeof rel, "m/%016" PRIx64 "/%" PRIu32 "/%.17s", hash,
                          uidvalidity, entry->d_name);
                 pack_index_locked(disk, group, rel, entry->d_name);
+            } else if (is_number_name(entry->d_name)) {
+                unsigned long long uid = strtoull(entry->d_name, NULL, 10);
+                if (uid <= UINT32_MAX)
+                    loose_add(group, (uint32_t)uid);
             }
         closedir(dir);
+    } else if (errno != ENOENT) {
+        group->loose_unknown = true; /* unreadable: look on disk */
     }
     group->next = owner->groups;
     owner->groups = group;
@@ -1195,6 +1273,16 @@ static bool pack_lookup_locked(struct cache_disk *disk, uint64_t hash, uint32_t 
         pack->touched = now.tv_sec;
     }
     return true;
+}
+
+/* Whether a body of mailbox hash's UIDVALIDITY may be in a file of its own
+ * (see pack_group.loose).  Caller holds the lock and has checked the
+ * mailbox is ours. */
+static bool loose_lookup_locked(struct cache_disk *disk, uint64_t hash, uint32_t uidvalidity,
+                                uint32_t uid)
+{
+    struct pack_group *group = group_locked(disk, hash, uidvalidity);
+    return !group || loose_maybe(group, uid);
 }
 
 /* After DIR/rel, a pack, was removed: forget it.  Caller holds the lock. */
@@ -1555,14 +1643,15 @@ int cache_disk_body_load(struct cache_disk *disk, const char *mailbox, uint32_t 
     lock_disk(disk);
     bool ours = ownership_locked(disk, hash, mailbox) == OWNED_BY_MAILBOX;
     bool packed = ours && pack_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry, &touch);
+    bool loose = ours && loose_lookup_locked(disk, hash, uidvalidity, uid);
     unlock_disk(disk);
-    if (!ours)
-        return -ENOENT;
     if (packed) {
         int r = pack_load(disk, rel, &entry, touch, data, len);
         if (r != -ENOENT)
             return r;
     }
+    if (!loose)
+        return -ENOENT;
     body_rel(rel, hash, uidvalidity, uid);
     return load_file(disk, rel, KIND_BODY, true, false, data, len, NULL);
 }
@@ -1630,6 +1719,8 @@ static int install_temp(struct cache_disk *disk, const char *mailbox, uint64_t h
 struct body_install {
     const char *rel;
     uint64_t file_size;
+    uint64_t hash;
+    uint32_t uidvalidity, uid;
 };
 
 /* install_fn of a body file: renamed over DIR/rel, counted less whatever
@@ -1646,6 +1737,10 @@ static int install_body_locked(struct cache_disk *disk, const char *temp, const 
         return -errno;
     usage_subtract_locked(disk, replaced);
     count_body_locked(disk, body->file_size, evict_now);
+    /* A group not read yet finds the file when it is. */
+    struct pack_group *group = group_if_read_locked(disk, body->hash, body->uidvalidity);
+    if (group)
+        loose_add(group, body->uid);
     return 0;
 }
 
@@ -1663,7 +1758,8 @@ int cache_disk_body_save(struct cache_disk *disk, const char *mailbox, uint32_t 
     int r = write_temp(disk, KIND_BODY, data, len, temp);
     if (r != 0)
         return r;
-    struct body_install body = {.rel = rel, .file_size = HEADER_SIZE + (uint64_t)len};
+    struct body_install body = {.rel = rel, .file_size = HEADER_SIZE + (uint64_t)len,
+                                .hash = hash, .uidvalidity = uidvalidity, .uid = uid};
     return install_temp(disk, mailbox, hash, uidvalidity, temp, install_body_locked, &body);
 }
 
@@ -1777,11 +1873,12 @@ int cache_disk_body_present(struct cache_disk *disk, const char *mailbox, uint32
     lock_disk(disk);
     bool ours = ownership_locked(disk, hash, mailbox) == OWNED_BY_MAILBOX;
     bool packed = ours && pack_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry, NULL);
+    bool loose = ours && loose_lookup_locked(disk, hash, uidvalidity, uid);
     unlock_disk(disk);
-    if (!ours)
-        return 0;
     if (packed)
         return 1;
+    if (!loose)
+        return 0;
     body_rel(rel, hash, uidvalidity, uid);
     struct stat st;
     return fstatat(disk->dir_fd, rel, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode);

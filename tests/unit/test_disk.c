@@ -489,9 +489,17 @@ static void test_wrong_magic_version_kind(void)
     CHECK(!exists(path));
     CHECK_EQ_INT(cache_disk_usage(disk), bytes_on_disk(dir));
 
-    /* A symlink where a body should be is never followed. */
+    /* A symlink where a body should be is never followed: not while open
+     * (the cache knows it wrote no body 6, and does not look), and not by
+     * the next mount, which finds it in the directory and removes it. */
     body_path(path, sizeof path, dir, "INBOX", 7, 6);
     CHECK_EQ_INT(symlink("/etc/passwd", path), 0);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 6, &data, &len), -ENOENT);
+    cache_disk_close(disk);
+    disk = open_ok(dir, 64 << 20);
+    CHECK(disk != NULL);
+    if (!disk)
+        return;
     CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 6, &data, &len), -ENOENT);
     CHECK(!exists(path));
     cache_disk_close(disk);
@@ -1258,6 +1266,51 @@ static void test_damaged_packs(void)
     cache_disk_close(disk);
 }
 
+/* Which UIDs have a body file of their own is kept in memory (read from the
+ * directory the first time, then kept by saves), so that a miss costs no
+ * open: each failed one left a negative dentry behind, 10,000 per cold
+ * grep.  A body file appearing behind the cache's back is therefore not
+ * looked for until the next open. */
+static void test_loose_bodies_indexed(void)
+{
+    const char *dir = fresh_dir();
+    struct cache_disk *disk = open_ok(dir, 64 << 20);
+    CHECK(disk != NULL);
+    if (!disk)
+        return;
+    char *data = NULL;
+    size_t len = 0;
+    /* saved before anything read the directory: found by reading it */
+    CHECK_EQ_INT(cache_disk_body_save(disk, "INBOX", 7, 1, "one", 3), 0);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 1, &data, &len), 0);
+    CHECK(len == 3 && memcmp(data, "one", 3) == 0);
+    free(data);
+    /* saved after: found through what the save recorded */
+    CHECK_EQ_INT(cache_disk_body_save(disk, "INBOX", 7, 2, "two", 3), 0);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 2, &data, &len), 0);
+    CHECK(len == 3 && memcmp(data, "two", 3) == 0);
+    free(data);
+    CHECK_EQ_INT(cache_disk_body_present(disk, "INBOX", 7, 2), 1);
+    /* planted behind its back: not looked for while open */
+    char path[256];
+    body_path(path, sizeof path, dir, "INBOX", 7, 3);
+    write_crafted(path, KIND_BODY, "three", 5);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 3, &data, &len), -ENOENT);
+    CHECK_EQ_INT(cache_disk_body_present(disk, "INBOX", 7, 3), 0);
+    CHECK(exists(path));
+    cache_disk_close(disk);
+    /* the next open reads the directory and finds it */
+    disk = open_ok(dir, 64 << 20);
+    CHECK(disk != NULL);
+    if (!disk)
+        return;
+    CHECK_EQ_INT(cache_disk_body_present(disk, "INBOX", 7, 3), 1);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 3, &data, &len), 0);
+    CHECK(len == 5 && memcmp(data, "three", 5) == 0);
+    free(data);
+    cache_disk_close(disk);
+}
+
 static void test_pack_eviction_and_drop(void)
 {
     const char *dir = fresh_dir();
@@ -1491,6 +1544,7 @@ int main(void)
     RUN(test_pack_round_trip);
     RUN(test_damaged_packs);
     RUN(test_pack_eviction_and_drop);
+    RUN(test_loose_bodies_indexed);
     RUN(test_multithreaded_stress);
     remove_all(base);
     return check_summary();
