@@ -161,7 +161,6 @@ struct cache_body {
     uint32_t folder_id, uidvalidity, uid;
     unsigned refs;          /* protected by the bodies lock */
     struct cache_body *lru_prev, *lru_next;
-    UT_hash_handle hh;
 };
 
 struct cache_bodies;

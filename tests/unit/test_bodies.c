@@ -513,6 +513,73 @@ static void test_multithreaded_stress(void)
     cache_bodies_free(bodies);
 }
 
+/* The index (open addressing; a removal moves later entries back) against
+ * a plain array, every key checked after each drop of a folder and at the
+ * end.  Twice: a key space that keeps the table at its smallest size about
+ * a third full (runs often wrap around its end), and a larger one. */
+#define MODEL_FOLDERS 3
+#define MODEL_UIDVALIDITIES 2
+#define MODEL_UIDS 1500
+
+static bool model[MODEL_FOLDERS][MODEL_UIDVALIDITIES][MODEL_UIDS + 1];
+
+static bool index_matches_model(struct cache_bodies *bodies, uint32_t folders,
+                                uint32_t uidvalidities, uint32_t uids)
+{
+    size_t present = 0;
+    for (uint32_t f = 0; f < folders; f++)
+        for (uint32_t v = 0; v < uidvalidities; v++)
+            for (uint32_t uid = 1; uid <= uids; uid++) {
+                struct cache_body *body = cache_body_get(bodies, f + 1, v + 1, uid);
+                if (!body != !model[f][v][uid])
+                    return false;
+                if (body) {
+                    present++;
+                    bool right = body->len == 1 && body->data[0] == (char)('a' + (uid + f) % 26);
+                    cache_body_release(bodies, body);
+                    if (!right)
+                        return false;
+                }
+            }
+    return present == usage_count(bodies);
+}
+
+static void check_index_against_model(uint32_t folders, uint32_t uidvalidities, uint32_t uids)
+{
+    struct cache_bodies *bodies = cache_bodies_new(1ull << 30); /* no eviction */
+    unsigned seed = 4242;
+    memset(model, 0, sizeof model);
+    for (int op = 0; op < 60000; op++) {
+        seed = seed * 1103515245u + 12345u;
+        uint32_t f = (seed >> 8) % folders, v = (seed >> 12) % uidvalidities;
+        uint32_t uid = 1 + (seed >> 16) % uids;
+        unsigned what = (seed >> 4) % 16;
+        if (what < 10) {
+            cache_body_store(bodies, f + 1, v + 1, uid, filled(1, (char)('a' + (uid + f) % 26)), 1);
+            model[f][v][uid] = true;
+        } else if (what < 15) {
+            cache_bodies_drop(bodies, f + 1, uid);
+            for (uint32_t w = 0; w < uidvalidities; w++)
+                model[f][w][uid] = false;
+        } else if (op % 64 == 0) {
+            cache_bodies_drop_folder(bodies, f + 1);
+            memset(model[f], 0, sizeof model[f]);
+            CHECK(index_matches_model(bodies, folders, uidvalidities, uids));
+        }
+        if (op % 997 == 0)
+            CHECK(index_matches_model(bodies, folders, uidvalidities, uids));
+    }
+    CHECK(usage_count(bodies) > uids / 2);
+    CHECK(index_matches_model(bodies, folders, uidvalidities, uids));
+    cache_bodies_free(bodies);
+}
+
+static void test_index_matches_a_model(void)
+{
+    check_index_against_model(1, 1, 120);
+    check_index_against_model(MODEL_FOLDERS, MODEL_UIDVALIDITIES, MODEL_UIDS);
+}
+
 int main(void)
 {
     RUN(test_insert_get_release);
@@ -525,6 +592,7 @@ int main(void)
     RUN(test_body_larger_than_limit);
     RUN(test_usage_figures);
     RUN(test_free_with_bodies_left);
+    RUN(test_index_matches_a_model);
     RUN(test_multithreaded_stress);
     return check_summary();
 }
