@@ -768,10 +768,17 @@ enum ownership { OWNED_BY_NOBODY, OWNED_BY_MAILBOX, OWNED_BY_OTHER };
 
 static void groups_free(struct pack_group *group);
 
-static void forget_owner_locked(struct cache_disk *disk, uint64_t hash)
+/* The owner of mailbox hash, if known.  Caller holds the lock. */
+static struct owner *owner_locked(struct cache_disk *disk, uint64_t hash)
 {
     struct owner *owner;
     HASH_FIND(hh, disk->owners, &hash, sizeof hash, owner);
+    return owner;
+}
+
+static void forget_owner_locked(struct cache_disk *disk, uint64_t hash)
+{
+    struct owner *owner = owner_locked(disk, hash);
     if (owner) {
         HASH_DEL(disk->owners, owner);
         groups_free(owner->groups);
@@ -805,8 +812,7 @@ static void remember_owner_locked(struct cache_disk *disk, uint64_t hash, char *
  * name file is only ever written under it, and only once per mailbox. */
 static enum ownership ownership_locked(struct cache_disk *disk, uint64_t hash, const char *mailbox)
 {
-    struct owner *owner;
-    HASH_FIND(hh, disk->owners, &hash, sizeof hash, owner);
+    struct owner *owner = owner_locked(disk, hash);
     if (owner)
         return strcmp(owner->mailbox, mailbox) == 0 ? OWNED_BY_MAILBOX : OWNED_BY_OTHER;
 
@@ -889,15 +895,24 @@ static int claim_mailbox(struct cache_disk *disk, uint64_t hash, const char *mai
  * fetched again.
  *
  * A pack is evicted, touched and counted as one body file.  Where each
- * packed body is lives in memory, per mailbox and UIDVALIDITY: an
- * open-addressed table of uid -> (pack, offset, length, checksum), read
- * from the tables of contents the first time the UIDVALIDITY is used in a
- * mount and kept current by saves, evictions and drops, all under the
- * lock.  A UID in two packs (saved again after its pack was dropped from
- * memory) is found in the newer; bodies never change, so either is right. */
+ * body is lives in memory, per mailbox and UIDVALIDITY: an open-addressed
+ * table of uid -> (pack, offset, length, checksum), or uid -> LOOSE for a
+ * body in a file of its own, read from the directory and the tables of
+ * contents the first time the UIDVALIDITY is used in a mount and kept
+ * current by saves, evictions and drops, all under the lock.  A body in
+ * neither is a miss without an open: a scan's misses are most of its
+ * loads, and each failed open left a negative dentry behind (10,000 per
+ * cold grep), slowing every path lookup on the machine.  A UID recorded
+ * twice (in two packs, or a pack and its own file) is found where it was
+ * recorded last; bodies never change, so either is right.  A loose entry
+ * stays when its file goes (eviction, a torn file): the load finds nothing
+ * and the body is fetched again, as it is when memory for an entry runs
+ * out. */
 
 #define PACK_ENTRY_SIZE 16
 #define PACK_MAX_ITEMS 512
+#define LOOSE (UINT32_MAX - 1)  /* pack_entry.pack of a body in a file of its own */
+#define NO_PACK UINT32_MAX      /* entries_rebuild: drop none */
 
 struct pack_entry {
     uint32_t uid;       /* 0: a free slot (UIDs start at 1) */
@@ -917,15 +932,6 @@ struct pack_group {
     size_t capacity, count;
     struct pack_file *packs;
     size_t pack_count, pack_capacity;
-    /* The UIDs with a body file of their own ("loose"), the same way: a
-     * load of a body in neither is a miss without an openat.  A scan's
-     * misses are most of its loads, and each failed openat left a negative
-     * dentry behind (10,000 per cold grep), slowing every path lookup on
-     * the machine.  Entries are not removed when a file goes (eviction, a
-     * torn file): such a UID is looked for on disk, as before. */
-    uint32_t *loose;            /* 0: a free slot */
-    size_t loose_capacity, loose_count;
-    bool loose_unknown;         /* out of memory once: every load looks on disk */
     struct pack_group *next;
 };
 
@@ -935,20 +941,14 @@ static void groups_free(struct pack_group *group)
         struct pack_group *next = group->next;
         free(group->slots);
         free(group->packs);
-        free(group->loose);
         free(group);
         group = next;
     }
 }
 
-static size_t uid_slot(uint32_t uid, size_t capacity)
-{
-    return (size_t)((uid * 0x9e3779b97f4a7c15ull) >> 32) & (capacity - 1);
-}
-
 static size_t slot_index(const struct pack_group *group, uint32_t uid)
 {
-    return uid_slot(uid, group->capacity);
+    return (size_t)((uid * 0x9e3779b97f4a7c15ull) >> 32) & (group->capacity - 1);
 }
 
 static struct pack_entry *entry_find(const struct pack_group *group, uint32_t uid)
@@ -964,7 +964,7 @@ static struct pack_entry *entry_find(const struct pack_group *group, uint32_t ui
 }
 
 /* Rebuilds the table with room for at least want entries, leaving out the
- * entries of pack drop_pack (UINT32_MAX: none).  0 or -ENOMEM (unchanged). */
+ * entries of pack drop_pack (NO_PACK: none).  0 or -ENOMEM (unchanged). */
 static int entries_rebuild(struct pack_group *group, size_t want, uint32_t drop_pack)
 {
     size_t capacity = 64;
@@ -1000,7 +1000,7 @@ static int entry_put(struct pack_group *group, const struct pack_entry *entry)
         return 0;
     }
     if ((group->count + 1) * 2 > group->capacity &&
-        entries_rebuild(group, group->count + 1, UINT32_MAX) < 0)
+        entries_rebuild(group, group->count + 1, NO_PACK) < 0)
         return -ENOMEM;
     size_t i = slot_index(group, entry->uid);
     while (group->slots[i].uid != 0)
@@ -1013,7 +1013,7 @@ static int entry_put(struct pack_group *group, const struct pack_entry *entry)
 /* Appends a pack to the group; its index, or -ENOMEM. */
 static int64_t pack_add(struct pack_group *group, const char *name)
 {
-    if (group->pack_count == UINT32_MAX - 1)
+    if (group->pack_count == LOOSE)
         return -ENOMEM;
     if (group->pack_count == group->pack_capacity) {
         struct pack_file *packs = grow(group->packs, &group->pack_capacity, sizeof *packs, 16);
@@ -1038,50 +1038,6 @@ static void pack_forget(struct pack_group *group, const char *name)
             entries_rebuild(group, group->count, (uint32_t)i);
             return;
         }
-}
-
-/* Whether uid may have a body file of its own. */
-static bool loose_maybe(const struct pack_group *group, uint32_t uid)
-{
-    if (group->loose_unknown)
-        return true;
-    for (size_t i = group->loose_capacity ? uid_slot(uid, group->loose_capacity) : 0;
-         group->loose_capacity; i = (i + 1) & (group->loose_capacity - 1)) {
-        if (group->loose[i] == uid)
-            return true;
-        if (group->loose[i] == 0)
-            return false;
-    }
-    return false;
-}
-
-static void loose_add(struct pack_group *group, uint32_t uid)
-{
-    if (group->loose_unknown || uid == 0 || loose_maybe(group, uid))
-        return;
-    if ((group->loose_count + 1) * 2 > group->loose_capacity) {
-        size_t capacity = group->loose_capacity ? group->loose_capacity * 2 : 64;
-        uint32_t *slots = calloc(capacity, sizeof *slots);
-        if (!slots) {
-            group->loose_unknown = true;
-            return;
-        }
-        for (size_t i = 0; i < group->loose_capacity; i++)
-            if (group->loose[i]) {
-                size_t j = uid_slot(group->loose[i], capacity);
-                while (slots[j])
-                    j = (j + 1) & (capacity - 1);
-                slots[j] = group->loose[i];
-            }
-        free(group->loose);
-        group->loose = slots;
-        group->loose_capacity = capacity;
-    }
-    size_t i = uid_slot(uid, group->loose_capacity);
-    while (group->loose[i])
-        i = (i + 1) & (group->loose_capacity - 1);
-    group->loose[i] = uid;
-    group->loose_count++;
 }
 
 /* One body of a pack, as its table of contents gives it. */
@@ -1197,13 +1153,9 @@ static void pack_index_locked(struct cache_disk *disk, struct pack_group *group,
     free(items);
 }
 
-/* The pack index of mailbox hash's UIDVALIDITY if it has been read, else
- * NULL.  Caller holds the lock. */
-static struct pack_group *group_if_read_locked(struct cache_disk *disk, uint64_t hash,
-                                               uint32_t uidvalidity)
+/* owner's index of a UIDVALIDITY if it has been read, else NULL. */
+static struct pack_group *group_read(const struct owner *owner, uint32_t uidvalidity)
 {
-    struct owner *owner;
-    HASH_FIND(hh, disk->owners, &hash, sizeof hash, owner);
     for (struct pack_group *group = owner ? owner->groups : NULL; group; group = group->next)
         if (group->uidvalidity == uidvalidity)
             return group;
@@ -1216,11 +1168,10 @@ static struct pack_group *group_if_read_locked(struct cache_disk *disk, uint64_t
 static struct pack_group *group_locked(struct cache_disk *disk, uint64_t hash,
                                        uint32_t uidvalidity)
 {
-    struct owner *owner;
-    HASH_FIND(hh, disk->owners, &hash, sizeof hash, owner);
+    struct owner *owner = owner_locked(disk, hash);
     if (!owner)
         return NULL;
-    struct pack_group *group = group_if_read_locked(disk, hash, uidvalidity);
+    struct pack_group *group = group_read(owner, uidvalidity);
     if (group)
         return group;
     group = calloc(1, sizeof *group);
@@ -1240,23 +1191,23 @@ static struct pack_group *group_locked(struct cache_disk *disk, uint64_t hash,
                 pack_index_locked(disk, group, rel, entry->d_name);
             } else if (is_number_name(entry->d_name)) {
                 unsigned long long uid = strtoull(entry->d_name, NULL, 10);
-                if (uid <= UINT32_MAX)
-                    loose_add(group, (uint32_t)uid);
+                struct pack_entry loose = {.uid = (uint32_t)uid, .pack = LOOSE};
+                if (uid > 0 && uid <= UINT32_MAX)
+                    entry_put(group, &loose);
             }
         closedir(dir);
-    } else if (errno != ENOENT) {
-        group->loose_unknown = true; /* unreadable: look on disk */
     }
     group->next = owner->groups;
     owner->groups = group;
     return group;
 }
 
-/* Where a packed body is: the pack's path and its entry.  With touch, also
- * whether the reader should set the pack's mtime (the LRU order): once a
- * second is enough, where a scan reads up to 512 bodies of one pack.
- * Caller holds the lock and has checked the mailbox is ours. */
-static bool pack_lookup_locked(struct cache_disk *disk, uint64_t hash, uint32_t uidvalidity,
+/* Where a body is: its entry, and the path of its pack or of its own file
+ * (entry pack LOOSE).  For a pack, with touch, also whether the reader
+ * should set the pack's mtime (the LRU order): once a second is enough,
+ * where a scan reads up to 512 bodies of one pack.  Caller holds the lock
+ * and has checked the mailbox is ours. */
+static bool body_lookup_locked(struct cache_disk *disk, uint64_t hash, uint32_t uidvalidity,
                                uint32_t uid, char *rel, struct pack_entry *found, bool *touch)
 {
     struct pack_group *group = group_locked(disk, hash, uidvalidity);
@@ -1264,6 +1215,10 @@ static bool pack_lookup_locked(struct cache_disk *disk, uint64_t hash, uint32_t 
     if (!entry)
         return false;
     *found = *entry;
+    if (entry->pack == LOOSE) {
+        body_rel(rel, hash, uidvalidity, uid);
+        return true;
+    }
     struct pack_file *pack = &group->packs[entry->pack];
     snprintf(rel, REL_MAX, "m/%016" PRIx64 "/%" PRIu32 "/%s", hash, uidvalidity, pack->name);
     if (touch) {
@@ -1275,16 +1230,6 @@ static bool pack_lookup_locked(struct cache_disk *disk, uint64_t hash, uint32_t 
     return true;
 }
 
-/* Whether a body of mailbox hash's UIDVALIDITY may be in a file of its own
- * (see pack_group.loose).  Caller holds the lock and has checked the
- * mailbox is ours. */
-static bool loose_lookup_locked(struct cache_disk *disk, uint64_t hash, uint32_t uidvalidity,
-                                uint32_t uid)
-{
-    struct pack_group *group = group_locked(disk, hash, uidvalidity);
-    return !group || loose_maybe(group, uid);
-}
-
 /* After DIR/rel, a pack, was removed: forget it.  Caller holds the lock. */
 static void pack_removed_locked(struct cache_disk *disk, const char *rel)
 {
@@ -1294,13 +1239,9 @@ static void pack_removed_locked(struct cache_disk *disk, const char *rel)
     if (sscanf(rel, "m/%16" SCNx64 "/%" SCNu32 "/%17s", &hash, &uidvalidity, name) != 3 ||
         !is_pack_name(name))
         return;
-    struct owner *owner;
-    HASH_FIND(hh, disk->owners, &hash, sizeof hash, owner);
-    if (!owner)
-        return;
-    for (struct pack_group *group = owner->groups; group; group = group->next)
-        if (group->uidvalidity == uidvalidity)
-            pack_forget(group, name);
+    struct pack_group *group = group_read(owner_locked(disk, hash), uidvalidity);
+    if (group)
+        pack_forget(group, name);
 }
 
 /* Reads one packed body (see cache_disk_body_load).  A body failing its
@@ -1641,18 +1582,13 @@ int cache_disk_body_load(struct cache_disk *disk, const char *mailbox, uint32_t 
     struct pack_entry entry;
     bool touch = false;
     lock_disk(disk);
-    bool ours = ownership_locked(disk, hash, mailbox) == OWNED_BY_MAILBOX;
-    bool packed = ours && pack_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry, &touch);
-    bool loose = ours && loose_lookup_locked(disk, hash, uidvalidity, uid);
+    bool found = ownership_locked(disk, hash, mailbox) == OWNED_BY_MAILBOX &&
+                 body_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry, &touch);
     unlock_disk(disk);
-    if (packed) {
-        int r = pack_load(disk, rel, &entry, touch, data, len);
-        if (r != -ENOENT)
-            return r;
-    }
-    if (!loose)
+    if (!found)
         return -ENOENT;
-    body_rel(rel, hash, uidvalidity, uid);
+    if (entry.pack != LOOSE)
+        return pack_load(disk, rel, &entry, touch, data, len);
     return load_file(disk, rel, KIND_BODY, true, false, data, len, NULL);
 }
 
@@ -1737,10 +1673,12 @@ static int install_body_locked(struct cache_disk *disk, const char *temp, const 
         return -errno;
     usage_subtract_locked(disk, replaced);
     count_body_locked(disk, body->file_size, evict_now);
-    /* A group not read yet finds the file when it is. */
-    struct pack_group *group = group_if_read_locked(disk, body->hash, body->uidvalidity);
+    /* A group not read yet finds the file when it is; out of memory for
+     * the entry, the body is fetched again. */
+    struct pack_group *group = group_read(owner_locked(disk, body->hash), body->uidvalidity);
+    struct pack_entry loose = {.uid = body->uid, .pack = LOOSE};
     if (group)
-        loose_add(group, body->uid);
+        entry_put(group, &loose);
     return 0;
 }
 
@@ -1871,15 +1809,13 @@ int cache_disk_body_present(struct cache_disk *disk, const char *mailbox, uint32
     char rel[REL_MAX];
     struct pack_entry entry;
     lock_disk(disk);
-    bool ours = ownership_locked(disk, hash, mailbox) == OWNED_BY_MAILBOX;
-    bool packed = ours && pack_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry, NULL);
-    bool loose = ours && loose_lookup_locked(disk, hash, uidvalidity, uid);
+    bool found = ownership_locked(disk, hash, mailbox) == OWNED_BY_MAILBOX &&
+                 body_lookup_locked(disk, hash, uidvalidity, uid, rel, &entry, NULL);
     unlock_disk(disk);
-    if (packed)
-        return 1;
-    if (!loose)
+    if (!found)
         return 0;
-    body_rel(rel, hash, uidvalidity, uid);
+    if (entry.pack != LOOSE)
+        return 1;
     struct stat st;
     return fstatat(disk->dir_fd, rel, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode);
 }

@@ -141,8 +141,6 @@ struct fs_account {
                                        cached" warning: one a minute, not one a listing */
 
     pthread_mutex_t quota_lock;
-    int quota_capable;              /* the server has QUOTA: 1, 0, -1 not known yet (offline
-                                       mount); protected by quota_lock */
     double quota_at;                /* when last asked; protected by quota_lock */
     int quota_known;                /* protected by quota_lock */
     uint64_t quota_used, quota_limit; /* bytes; protected by quota_lock */
@@ -262,7 +260,6 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     if (*account->namespace_prefix)
         log_info("personal namespace prefix \"%s\" is not shown on the mount",
                  account->namespace_prefix);
-    account->quota_capable = -1;
     if (first) {
         /* df right after mounting shows the quota; later asks never wait
          * for a connection (fs_account_quota) */
@@ -2972,16 +2969,13 @@ int fs_account_rename_folder(struct fs_account *account, uint32_t parent_id, con
 
 #define QUOTA_SECONDS 60.0
 
-/* Asks the server for the STORAGE quota on session, if it has QUOTA.
- * Caller holds quota_lock, or is the constructor. */
+/* Asks the server for the STORAGE quota on session (nothing is sent
+ * without QUOTA).  Caller holds quota_lock, or is the constructor. */
 static void quota_ask(struct fs_account *account, struct imap_session *session)
 {
     uint64_t used_kib, limit_kib;
 
-    account->quota_capable = imap_session_has_capability(session, "QUOTA");
     account->quota_at = now_monotonic(); /* also after a failure: df must stay quick */
-    if (!account->quota_capable)
-        return;
     int ret = imap_quota_storage(session, "INBOX", &used_kib, &limit_kib);
     account->quota_known = ret == 0;
     if (ret == 0) {
@@ -2998,8 +2992,7 @@ static void quota_ask(struct fs_account *account, struct imap_session *session)
 int fs_account_quota(struct fs_account *account, uint64_t *used, uint64_t *limit)
 {
     pthread_mutex_lock(&account->quota_lock);
-    if (account->quota_capable != 0 &&
-        (account->quota_at == 0 || now_monotonic() - account->quota_at > QUOTA_SECONDS)) {
+    if (account->quota_at == 0 || now_monotonic() - account->quota_at > QUOTA_SECONDS) {
         struct imap_session *session = NULL;
         pthread_mutex_lock(&account->pool_lock);
         int idle = take_idle_locked(account, NULL, 0, &session);

@@ -18,7 +18,9 @@ against tests/integration/fakeimap.py, which can hold an answer back.
   folder selected, before anything is read: a scan that follows finds them
   ready (a connect, TLS, a login and a SELECT are six round trips, 0.3 s at
   50 ms).  Nothing is fetched for it; with a download budget (no
-  read-ahead) it opens none.
+  read-ahead) it opens none.  A server that refuses those connections, or
+  their SELECT, costs the scan nothing: the reads are right, and the pool
+  counts only the connections it has.
 
 Run: IMAPFS_BIN=build/imapfs /usr/bin/python3 -m pytest -v tests/integration/test_readahead.py
 """
@@ -29,7 +31,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fakeimap import Mailbox, Message, Sleep  # noqa: E402
+from fakeimap import CLOSE, Mailbox, Message, Sleep  # noqa: E402
 from test_hostile import rig  # noqa: E402,F401 (the fixture)
 from test_quirks import sized_message  # noqa: E402
 
@@ -204,3 +206,46 @@ def test_no_connections_ahead_with_a_download_budget(rig):
     assert len(ready) == 1, \
         f"{len(ready)} connections have INBOX selected with read-ahead off: the lister's only"
     m.finish()
+
+
+def warm_up_refused(rig, refuse_connect, refuse_examine, count):
+    """A folder of count messages listed while the fake refuses what the
+    warm-ups do (their connections, or their EXAMINE); then read through,
+    byte for byte, from a server a little away (so that read-ahead wants
+    every connection it may have).  Returns the connections that fetched."""
+    bodies, box = folder_of(count)
+    srv = rig.server(mailboxes=[box])
+    m = rig.mounted(srv, options=["cache_dir=none"], connections=4, timeout=5)
+    refusing = [True]
+    before = len(srv.connections)
+    if refuse_connect:
+        srv.on_connect = lambda conn: [CLOSE] if refusing[0] else None
+    if refuse_examine:
+        srv.on("EXAMINE", lambda conn, cmd: [cmd.no("not now")]
+               if refusing[0] and conn.index >= before else None)
+    os.listdir(m.path("INBOX"))
+    deadline = time.monotonic() + 10
+    while len(srv.connections) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(srv.connections) >= before + 3, "no connections were tried ahead of a scan"
+    time.sleep(0.5)          # the warm-ups finish failing
+    refusing[0] = False
+    srv.on("UID FETCH", lambda conn, cmd: [Sleep(0.05)] + conn.default(cmd)
+           if conn.is_body_fetch(cmd) else None)
+    for uid in sorted(bodies):
+        with open(m.path("INBOX", f"{uid}.eml"), "rb") as f:
+            assert f.read() == bodies[uid], uid
+    assert "cannot reach the server" not in m.log(), m.log()[-2000:]
+    m.finish()
+    return {i for i, _, command, raw in srv.commands if command == "UID FETCH" and b"BODY" in raw}
+
+
+def test_refused_warm_up_connections_are_not_counted(rig):
+    fetching = warm_up_refused(rig, refuse_connect=True, refuse_examine=False, count=3000)
+    # a pool still counting the refused ones would stay at the lister's
+    assert len(fetching) >= 3, f"bodies fetched on {len(fetching)} connection(s): the pool " \
+                               "did not grow after the refused warm-ups"
+
+
+def test_refused_warm_up_select_is_harmless(rig):
+    warm_up_refused(rig, refuse_connect=False, refuse_examine=True, count=600)
