@@ -1,6 +1,6 @@
 /* fs/ops.c — the FUSE low-level operations.
  *
- * Every answer comes from the cache (fs/account.c fills it on a miss).
+ * Every answer comes from the cache (fs/account.c and the files beside it fill it on a miss).
  * Inode numbers encode folder id and UID (fs.h), so there is no inode
  * table to keep in step with the kernel.  Messages are immutable per
  * (UIDVALIDITY, UID): files are opened with keep_cache, so the kernel's page

@@ -35,7 +35,7 @@ from fakeimap import CLOSE, Mailbox, Message, Sleep  # noqa: E402
 from test_hostile import rig  # noqa: E402,F401 (the fixture)
 from test_quirks import sized_message  # noqa: E402
 
-# fs/account.c: READAHEAD_MESSAGES and READAHEAD_BYTES (the window ahead of
+# fs/account_p.h: READAHEAD_MESSAGES and READAHEAD_BYTES (the window ahead of
 # the reader, for the default cache_size), BATCH_MESSAGES and BATCH_BYTES
 # (one UID FETCH)
 WINDOW = 512
