@@ -80,6 +80,8 @@ By hand: ``python3 tests/integration/cyrusserver.py run [--separator .]
 Standard library only; Python >= 3.9.
 """
 
+import contextlib
+import fcntl
 import grp
 import os
 import hashlib
@@ -181,19 +183,32 @@ def cyrus_root():
     such a place: then the tree is mirrored once into /tmp."""
     if not os.path.isdir(CYRUS_ROOT) or _reachable_by_others(CYRUS_ROOT):
         return CYRUS_ROOT
-    stamp = os.path.join(os.path.dirname(CYRUS_ROOT), "stamp")
+    # The stamp scripts/fetch-cyrus writes last names the versions unpacked:
+    # a tree without it is not finished (maybe being unpacked right now),
+    # and a new one gets a mirror of its own.
     try:
-        with open(stamp, "rb") as f:
+        with open(os.path.join(CYRUS_ROOT, ".fetch-cyrus.done"), "rb") as f:
             tag = hashlib.sha256(f.read()).hexdigest()[:12]
     except OSError:
-        tag = "nostamp"
+        return CYRUS_ROOT
     mirror = f"/tmp/imapfs-cyrus-root-{os.getuid()}-{tag}"
-    if not os.path.isfile(os.path.join(mirror, ".complete")):
-        shutil.rmtree(mirror, ignore_errors=True)
-        subprocess.run(["cp", "-a", CYRUS_ROOT, mirror], check=True)
-        os.chmod(mirror, 0o755)
-        open(os.path.join(mirror, ".complete"), "w").close()
+    with one_at_a_time("imapfs-cyrus-root"):
+        if not os.path.isfile(os.path.join(mirror, ".complete")):
+            shutil.rmtree(mirror, ignore_errors=True)
+            subprocess.run(["cp", "-a", CYRUS_ROOT, mirror], check=True)
+            os.chmod(mirror, 0o755)
+            open(os.path.join(mirror, ".complete"), "w").close()
     return mirror
+
+
+@contextlib.contextmanager
+def one_at_a_time(name):
+    """Holds a lock shared by every test process of this user: parallel
+    workers (pytest -n) must not unpack or mirror Cyrus into the same place
+    at once."""
+    with open(f"/tmp/{name}-{os.getuid()}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def multiarch():

@@ -57,8 +57,9 @@ def ensure_cyrus():
         return why
     _fetch_tried.append(True)
     script = os.path.join(imapserver.REPO, "scripts", "fetch-cyrus")
-    r = subprocess.run([script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=900)
+    with cyrusserver.one_at_a_time("imapfs-fetch-cyrus"):  # another worker may be at it
+        r = subprocess.run([script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=900)
     why = cyrusserver.available()
     if why is not None:
         return f"{why}\nscripts/fetch-cyrus exited {r.returncode}:\n{r.stdout[-4000:]}"
