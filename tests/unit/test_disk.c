@@ -1291,8 +1291,21 @@ static void test_loose_bodies_indexed(void)
     CHECK(len == 3 && memcmp(data, "two", 3) == 0);
     free(data);
     CHECK_EQ_INT(cache_disk_body_present(disk, "INBOX", 7, 2), 1);
-    /* planted behind its back: not looked for while open */
+    /* indexed, then its file gone (removed by hand or by another mount's
+     * eviction): a miss, not an error or a wrong body */
     char path[256];
+    body_path(path, sizeof path, dir, "INBOX", 7, 2);
+    CHECK_EQ_INT(unlink(path), 0);
+    data = NULL;
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 2, &data, &len), -ENOENT);
+    CHECK(data == NULL);
+    CHECK_EQ_INT(cache_disk_body_present(disk, "INBOX", 7, 2), 0);
+    /* saved again, it is found again */
+    CHECK_EQ_INT(cache_disk_body_save(disk, "INBOX", 7, 2, "two", 3), 0);
+    CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 2, &data, &len), 0);
+    CHECK(len == 3 && memcmp(data, "two", 3) == 0);
+    free(data);
+    /* planted behind its back: not looked for while open */
     body_path(path, sizeof path, dir, "INBOX", 7, 3);
     write_crafted(path, KIND_BODY, "three", 5);
     CHECK_EQ_INT(cache_disk_body_load(disk, "INBOX", 7, 3, &data, &len), -ENOENT);
