@@ -78,6 +78,29 @@ def fusermount_u(mountpoint, lazy=False):
                           timeout=EXIT_TIMEOUT)
 
 
+def thread_stacks(pid):
+    """Every thread's stack in a running process, from gdb when it is there,
+    else each thread's kernel wait channel (gdb stops the process for about
+    a second)."""
+    if shutil.which("gdb"):
+        try:
+            r = subprocess.run(["gdb", "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt 12"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               timeout=60)
+            return "\n".join(line for line in r.stdout.splitlines()
+                             if line.startswith(("Thread ", "#")))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"gdb: {e}"
+    lines = []
+    for task in sorted(os.listdir(f"/proc/{pid}/task")):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as f, open(f"/proc/{pid}/task/{task}/wchan") as w:
+                lines.append(f"{task} {f.read().strip()}: {w.read().strip()}")
+        except OSError:
+            pass
+    return "\n".join(lines)
+
+
 # Last resort if the interpreter exits with something still mounted
 _live_mounts = set()
 
@@ -105,6 +128,7 @@ class Mount:
         self.env = env
         self.proc = None
         self.exit_status = None
+        self.slow_exit_stacks = None    # set by unmount() when the daemon is slow to exit
 
     @property
     def argv(self):
@@ -143,18 +167,24 @@ class Mount:
         self.abort()
         raise AssertionError(f"{self.mountpoint} not mounted after {timeout}s; log:\n{self.log()}")
 
-    def unmount(self):
-        """fusermount3 -u, then require the daemon to exit with status 0."""
+    def unmount(self, slow_after=EXIT_TIMEOUT):
+        """fusermount3 -u, then require the daemon to exit with status 0 within
+        EXIT_TIMEOUT.  A daemon still running slow_after seconds after the
+        unmount has its threads' stacks taken (slow_exit_stacks)."""
         r = fusermount_u(self.mountpoint)
         if r.returncode != 0:
             self.abort()
             raise AssertionError(f"fusermount3 -u {self.mountpoint} failed: {r.stdout}\nlog:\n{self.log()}")
         try:
-            self.exit_status = self.proc.wait(EXIT_TIMEOUT)
+            try:
+                self.exit_status = self.proc.wait(slow_after)
+            except subprocess.TimeoutExpired:
+                self.slow_exit_stacks = thread_stacks(self.proc.pid)
+                self.exit_status = self.proc.wait(max(0.01, EXIT_TIMEOUT - slow_after))
         except subprocess.TimeoutExpired:
             self.abort()
             raise AssertionError(f"imapfs did not exit within {EXIT_TIMEOUT}s after fusermount3 -u; "
-                                 f"log:\n{self.log()}")
+                                 f"log:\n{self.log()}\nits threads:\n{self.slow_exit_stacks}")
         _live_mounts.discard(self.mountpoint)
         assert not is_mounted(self.mountpoint)
         assert self.exit_status == 0, \

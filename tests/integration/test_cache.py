@@ -70,10 +70,14 @@ def mount_with(mounter, srv, name, cache_dir=None, debug=False, options=(), env=
     return m.start()
 
 
+EXIT_BOUND = 10         # seconds for a daemon to exit after fusermount3 -u
+
+
 def unmount_timed(m):
-    """Unmount; require exit 0 (conftest); return how long the daemon took."""
+    """Unmount; require exit 0 (conftest); return how long the daemon took
+    (its threads' stacks are in m.slow_exit_stacks past EXIT_BOUND)."""
     t = time.monotonic()
-    m.unmount()
+    m.unmount(slow_after=EXIT_BOUND)
     return time.monotonic() - t
 
 
@@ -308,7 +312,8 @@ def test_remount_lists_from_disk_resyncs_and_warm_grep_fetches_nothing(mounter, 
     assert "CHANGEDSINCE" in log or "QRESYNC" in log, \
         "the remount did not re-sync with CHANGEDSINCE/QRESYNC"
     unmount_timed(m2)
-    assert exit_seconds < 10, f"imapfs took {exit_seconds:.1f}s to exit after fusermount3 -u"
+    assert exit_seconds < EXIT_BOUND, f"imapfs took {exit_seconds:.1f}s to exit after fusermount3 -u; " \
+                              f"its threads then:\n{m1.slow_exit_stacks}"
 
 
 def test_remount_lists_from_disk_at_once(mounter, cache_server, tmp_path):

@@ -213,6 +213,27 @@ def ls(path):
     return set(r.stdout.decode("utf-8", "surrogateescape").splitlines())
 
 
+def where_is(path):
+    """What a folder's path shows, for a failure message: ls's answer or
+    error, and the inode the kernel's entry for it names against the one a
+    fresh readdir of its parent gives (they differ when the kernel kept an
+    entry for a folder that is gone)."""
+    r = subprocess.run(["ls", "-1A", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    shown = (sorted(r.stdout.decode(errors="replace").split()) if r.returncode == 0
+             else f"ls failed: {r.stderr.decode(errors='replace').strip()}")
+    try:
+        entry_ino = os.stat(path).st_ino
+    except OSError as e:
+        entry_ino = f"stat: {e.strerror}"
+    try:
+        with os.scandir(os.path.dirname(path.rstrip("/"))) as it:
+            listed_ino = next((e.inode() for e in it if e.name == os.path.basename(path.rstrip("/"))),
+                              "not in its parent's listing")
+    except OSError as e:
+        listed_ino = f"parent: {e.strerror}"
+    return f"{shown}; inode of the entry {entry_ino}, in the parent's listing {listed_ino}"
+
+
 def cat(path):
     """(returncode, stdout bytes, stderr text) of `cat path`."""
     r = subprocess.run(["cat", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -314,7 +335,7 @@ def test_pushed_changes_show_without_a_poll(push_server, mount_on):
             m.unmount()
             return
         wait_for(f"{mode}: new mail", lambda: name in (ls(dmain) or ()), since=t0,
-                 describe=lambda: sorted(ls(dmain) or ()))
+                 describe=lambda: where_is(dmain))
         assert read_bytes(os.path.join(dmain, name)) == c.body(main, uid)
 
         path = os.path.join(dmain, name)
@@ -328,7 +349,7 @@ def test_pushed_changes_show_without_a_poll(push_server, mount_on):
         expunge(c, main, [min(first)])
         gone = f"{min(first)}.eml"
         wait_for(f"{mode}: expunge", lambda: gone not in (ls(dmain) or {gone}), since=t0,
-                 describe=lambda: sorted(ls(dmain) or ()))
+                 describe=lambda: where_is(dmain))
         assert errno_of(os.stat, os.path.join(dmain, gone)) == errno.ENOENT
 
         if mode == "notify":
@@ -336,11 +357,11 @@ def test_pushed_changes_show_without_a_poll(push_server, mount_on):
             side_uid = append(c, side, make_message(f"{mode}-side-2"))
             wait_for("notify: new mail in another listed folder",
                      lambda: f"{side_uid}.eml" in (ls(dside) or ()), since=t0,
-                     describe=lambda: sorted(ls(dside) or ()))
+                     describe=lambda: where_is(dside))
             t0 = time.monotonic()
             c._ok(*c.imap.create(q(f"{main}-new")), "CREATE")
             wait_for("notify: folder created", lambda: f"{main}-new" in (ls(m.mountpoint) or ()),
-                     since=t0, describe=lambda: sorted(ls(m.mountpoint) or ()))
+                     since=t0, describe=lambda: where_is(m.mountpoint))
         m.unmount()
 
 
@@ -359,7 +380,7 @@ def test_poll_alone_keeps_folders_in_step(push_server, mount_on):
         expunge(c, folder, list(first))
         want = {f"{uid}.eml"}
         wait_for(f"{mode}: new mail and expunge with poll_interval=1", lambda: ls(dpath) == want,
-                 since=t0, describe=lambda: sorted(ls(dpath) or ()))
+                 since=t0, describe=lambda: where_is(dpath))
         m.unmount()
 
 
@@ -397,7 +418,7 @@ def test_expunges_are_learnt_from_what_vanished(resync_server, mount_on):
         t0 = time.monotonic()
         expunge(c, folder, gone)
         wait_for(f"{mode}: expunge of 3 in 40", lambda: ls(path) == want, since=t0,
-                 describe=lambda: sorted(ls(path) or ()))
+                 describe=lambda: where_is(path))
         log = m.log()[mark:]
         asked_vanished = re.findall(r"C: \S+ UID FETCH 1:\d+ \(UID FLAGS\) "
                                     r"\(CHANGEDSINCE \d+ VANISHED\)", log)
@@ -427,7 +448,7 @@ def test_new_mail_appears(mount_on, other):
     name = f"{uid}.eml"
     assert name not in before
     wait_for("new mail in ls", lambda: name in (ls(inbox) or ()), since=t0,
-             describe=lambda: sorted(ls(inbox) or ()))
+             describe=lambda: where_is(inbox))
 
     want = other.body("INBOX", uid)
     assert want == data
@@ -450,7 +471,7 @@ def test_new_mail_in_a_deeper_folder_and_several_at_once(mount_on, other):
     new = {append(other, folder, make_message(f"deep-{i}", size=500 + 37 * i)): i for i in range(1, 6)}
     want = {"1.eml"} | {f"{uid}.eml" for uid in new}
     wait_for("5 new mails in a subfolder", lambda: ls(path) == want, since=t0,
-             describe=lambda: sorted(ls(path) or ()))
+             describe=lambda: where_is(path))
     bodies = other.bodies(folder)
     for uid in new:
         assert read_bytes(os.path.join(path, f"{uid}.eml")) == bodies[uid]
@@ -483,7 +504,7 @@ def test_expunge_makes_the_file_disappear(cached, mount_on, other):
             stale_reads.append(len(data))
         return f"{gone}.eml" not in names
 
-    wait_for(f"expunge in ls ({cached})", gone_from_ls, since=t0, describe=lambda: sorted(ls(path)))
+    wait_for(f"expunge in ls ({cached})", gone_from_ls, since=t0, describe=lambda: where_is(path))
     assert not stale_reads, f"reads of the expunged message gave wrong bytes (lengths {stale_reads})"
     # gone means gone: no stale bytes from any cache
     assert errno_of(os.stat, gone_path) == errno.ENOENT
@@ -534,28 +555,28 @@ def test_folder_created_deleted_renamed(mount_on, other):
     t0 = time.monotonic()
     create_folder(other, "SyncMade")
     wait_for("folder created (top)", lambda: "SyncMade" in (ls(root) or ()), since=t0,
-             describe=lambda: sorted(ls(root)))
+             describe=lambda: where_is(root))
     assert os.path.isdir(os.path.join(root, "SyncMade"))
     assert ls(os.path.join(root, "SyncMade")) == set()
 
     t0 = time.monotonic()
     create_folder(other, "Lists/syncmade")
     wait_for("folder created (sub)", lambda: "syncmade" in (ls(lists) or ()), since=t0,
-             describe=lambda: sorted(ls(lists)))
+             describe=lambda: where_is(lists))
     assert ls(lists) == lists_before | {"syncmade"}
 
     # deleted
     t0 = time.monotonic()
     other._ok(*other.imap.delete(q("SyncMade")), "DELETE")
     wait_for("folder deleted", lambda: "SyncMade" not in (ls(root) or {"SyncMade"}), since=t0,
-             describe=lambda: sorted(ls(root)))
+             describe=lambda: where_is(root))
     assert errno_of(os.stat, os.path.join(root, "SyncMade")) == errno.ENOENT
     assert ls(root) == root_before
 
     # renamed, with its mail
     msgs = create_folder(other, "SyncOld", [make_message("ren-1"), make_message("ren-2", size=4000)])
     wait_for("folder created (for rename)", lambda: "SyncOld" in (ls(root) or ()),
-             describe=lambda: sorted(ls(root)))
+             describe=lambda: where_is(root))
     old_path = os.path.join(root, "SyncOld")
     assert ls(old_path) == {f"{u}.eml" for u in msgs}
     t0 = time.monotonic()
@@ -564,7 +585,7 @@ def test_folder_created_deleted_renamed(mount_on, other):
     def renamed():
         names = ls(root) or set()
         return "SyncNewName" in names and "SyncOld" not in names
-    wait_for("folder renamed", renamed, since=t0, describe=lambda: sorted(ls(root)))
+    wait_for("folder renamed", renamed, since=t0, describe=lambda: where_is(root))
     assert errno_of(os.stat, old_path) == errno.ENOENT
     new_path = os.path.join(root, "SyncNewName")
     assert ls(new_path) == {f"{u}.eml" for u in msgs}
@@ -593,7 +614,7 @@ def test_folder_created_while_only_the_root_is_listed(mount_on, other):
     t0 = time.monotonic()
     create_folder(other, "SyncRootOnly", [make_message("root-only-1")])
     wait_for("folder created (only the root listed)", lambda: "SyncRootOnly" in (ls(root) or ()),
-             since=t0, describe=lambda: sorted(ls(root) or ()))
+             since=t0, describe=lambda: where_is(root))
     assert ls(root) == before | {"SyncRootOnly"}
     assert ls(os.path.join(root, "SyncRootOnly")) == {"1.eml"}
 
@@ -630,7 +651,7 @@ def test_expunge_while_a_reader_holds_the_file_open(when, mount_on, other):
         if when != "unread-race":
             wait_for(f"expunge under an open file ({when})",
                      lambda: f"{uid}.eml" not in (ls(dpath) or {f"{uid}.eml"}), since=t0,
-                     describe=lambda: sorted(ls(dpath) or ()))
+                     describe=lambda: where_is(dpath))
         try:
             while True:
                 chunk = os.read(fd, 65536)
@@ -686,12 +707,17 @@ def test_open_right_after_an_expunge(mount_on, other):
 # --------------------------------------------------------------------------
 # UIDVALIDITY
 
-def test_uidvalidity_change_never_shows_old_bytes(mount_on, other):
+@pytest.mark.parametrize("gap", ["unseen", "seen"])
+def test_uidvalidity_change_never_shows_old_bytes(mount_on, sync_server, other, gap):
     """Delete the folder and make it again with other mail: the same names
     (1.eml, 2.eml, ...) now stand for other messages.  The new ones of the
     same size as the old ones are the hard case: neither the size nor the
-    name tells them apart, only the bytes."""
-    folder = "SyncUV"
+    name tells them apart, only the bytes.  'unseen': made again at once, so
+    the mount usually never sees the folder gone (the same directory, a new
+    UIDVALIDITY); 'seen': made again only once the mount shows it gone (a
+    new directory under the old name, which the kernel may still hold an
+    entry for)."""
+    folder = f"SyncUV-{gap}"
     old = [make_message(f"uv-old-{i}", size=size, fill=b"o")
            for i, size in enumerate((1500, 2600, 70000))]
     old_msgs = create_folder(other, folder, old)
@@ -714,8 +740,23 @@ def test_uidvalidity_change_never_shows_old_bytes(mount_on, other):
         time.sleep(0.05)
     t0 = time.monotonic()
     other._ok(*other.imap.delete(q(folder)), "DELETE")
-    new_msgs = create_folder(other, folder, new)
-    new_uv = other.uidvalidity(folder)
+    if gap == "seen":
+        root = os.path.dirname(dpath.rstrip("/"))
+        wait_for("folder deleted (before its UIDVALIDITY change)",
+                 lambda: folder not in (ls(root) or {folder}), since=t0,
+                 describe=lambda: where_is(root))
+    # Made again by a session logged in after the DELETE.  Dovecot 2.3
+    # (Maildir) leaves the session that deleted a mailbox with a stale view of
+    # it when another process touched it meanwhile (here, the mount): that
+    # session's CREATE succeeds, but then its APPENDs may fail ("Mailbox was
+    # deleted under us") and its STATUS fail or give the old UIDVALIDITY,
+    # while a new session sees the new folder as it is.
+    maker = sync_server.checker()
+    try:
+        new_msgs = create_folder(maker, folder, new)
+        new_uv = maker.uidvalidity(folder)
+    finally:
+        maker.close()
     assert new_uv != old_uv, "rig: Dovecot kept the UIDVALIDITY"
     assert set(new_msgs) >= set(old_msgs), "rig: the new UIDs should reuse the old names"
     old_by_name = {f"{u}.eml": d for u, d in old_msgs.items()}
@@ -733,7 +774,7 @@ def test_uidvalidity_change_never_shows_old_bytes(mount_on, other):
                 wrong.append((name, "OLD bytes" if got == old_by_name.get(name) else f"{len(got)} other bytes"))
         return True
 
-    wait_for("UIDVALIDITY change", shows_new, since=t0, describe=lambda: sorted(ls(dpath) or ()))
+    wait_for(f"UIDVALIDITY change ({gap})", shows_new, since=t0, describe=lambda: where_is(dpath))
     assert not wrong, f"after the new listing showed, reads gave: {wrong}"
     for name, want in new_by_name.items():
         p = os.path.join(dpath, name)
@@ -780,7 +821,7 @@ def test_unwatched_folder_refreshed_after_dir_cache_timeout(mount_on, sync_serve
         want = {f"{u}.eml" for u in msgs if u != min(msgs)} | {f"{uid}.eml"}
         wait_for("unwatched folder at next access (dir_cache_timeout=2)",
                  lambda: ls(dpath) == want, bound=2 + 3, since=t0,
-                 describe=lambda: sorted(ls(dpath) or ()))
+                 describe=lambda: where_is(dpath))
         assert read_bytes(os.path.join(dpath, f"{uid}.eml")) == other.body(folder, uid)
         assert errno_of(os.stat, os.path.join(dpath, f"{min(msgs)}.eml")) == errno.ENOENT
         state = open(f"/proc/{watcher_pid}/stat").read().rsplit(")", 1)[1].split()[0]
