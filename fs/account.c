@@ -50,6 +50,7 @@ struct fs_account *fs_account_new(const struct fs_options *options,
     account->max_connections = options->connections;
     account->dir_cache_timeout = options->dir_cache_timeout;
     account->idle_timeout = options->idle_timeout;
+    account->readonly = options->readonly;
     account->cache = cache_new();
     account->bodies = cache_bodies_new(options->cache_bytes);
     /* read ahead no more than the body cache holds well: what it evicted
@@ -177,6 +178,16 @@ uint64_t fs_account_append_limit(const struct fs_account *account)
 int fs_account_hides_deleted(const struct fs_account *account)
 {
     return account->hide_deleted;
+}
+
+int fs_account_readonly(const struct fs_account *account)
+{
+    return account->readonly;
+}
+
+void fs_account_set_no_open(struct fs_account *account)
+{
+    account->no_open = 1;
 }
 
 /* ---------------------------------------------------------------- the pool */

@@ -257,6 +257,23 @@ struct body_batch {
     struct cache_body *wanted;      /* referenced once it arrives */
 };
 
+/* In no-open mode (fs/ops.c) a reader's reads of pushed bodies never reach
+ * the daemon, and read-ahead would lose the reader: one message in every
+ * NO_OPEN_TRIPWIRE of a folder is kept out of the page cache, so its READ
+ * (served from the body cache) says where the reader is.  A scan costs one
+ * request per NO_OPEN_TRIPWIRE messages, and a scan is recognised within
+ * twice that distance. */
+#define NO_OPEN_TRIPWIRE 32
+
+static int is_tripwire(struct fs_account *account, uint32_t folder_id, uint32_t uid)
+{
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    int tripwire = folder && cache_folder_lower_bound(folder, uid) % NO_OPEN_TRIPWIRE == 0;
+    cache_unlock(account->cache);
+    return tripwire;
+}
+
 /* A body fetched ahead of its reader goes into the body cache and, when
  * not larger than a batch, into the kernel's page cache as well: the
  * reader's open then finds its pages there and reads without a READ
@@ -267,7 +284,7 @@ struct body_batch {
 static void push_to_kernel(struct fs_account *account, const struct body_batch *batch,
                            uint32_t uid, char *data, size_t len)
 {
-    if (len > BATCH_BYTES) {
+    if (len > BATCH_BYTES || (account->no_open && is_tripwire(account, batch->folder_id, uid))) {
         cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity, uid, data, len);
         return;
     }
@@ -288,16 +305,14 @@ int fs_account_uidvalidity_current(struct fs_account *account, uint32_t folder_i
     return current;
 }
 
-/* Each body goes into the cache the moment its literal is complete, and its
- * in-flight mark is cleared at once: a reader waiting for one message of a
- * batch does not wait for the rest of the batch. */
-static int store_body(void *context, uint32_t uid, char *body, size_t len)
+/* The size the listing promised must be the size reads deliver: a body
+ * that differs corrects it, and the kernel's copy is invalidated.  Not for
+ * the body a reader is waiting for: its open or READ handler does that
+ * after replying, since an invalidation that lands before a short READ's
+ * reply stops the kernel from cutting the file at the real end. */
+static void correct_size(struct fs_account *account, const struct body_batch *batch,
+                         uint32_t uid, size_t len)
 {
-    struct body_batch *batch = context;
-    struct fs_account *account = batch->account;
-
-    budget_spend(account, len);
-    /* The size the listing promised must be the size reads deliver. */
     cache_lock(account->cache);
     struct cache_folder *folder = cache_folder_by_id(account->cache, batch->folder_id);
     struct cache_message *message = folder ? cache_folder_find(folder, uid) : NULL;
@@ -308,9 +323,20 @@ static int store_body(void *context, uint32_t uid, char *body, size_t len)
         message->size = len;
     }
     cache_unlock(account->cache);
-    if (resized) /* the kernel holds the old size */
+    if (resized && uid != batch->wanted_uid) /* the kernel holds the old size */
         fs_notify_inode(account->notifier, fs_ino_message(batch->folder_id, uid));
+}
 
+/* Each body goes into the cache the moment its literal is complete, and its
+ * in-flight mark is cleared at once: a reader waiting for one message of a
+ * batch does not wait for the rest of the batch. */
+static int store_body(void *context, uint32_t uid, char *body, size_t len)
+{
+    struct body_batch *batch = context;
+    struct fs_account *account = batch->account;
+
+    budget_spend(account, len);
+    correct_size(account, batch, uid, len);
     if (uid == batch->wanted_uid && !batch->wanted) {
         batch->wanted = cache_body_insert(account->bodies, batch->folder_id, batch->uidvalidity,
                                           uid, body, len);
@@ -415,6 +441,7 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
                     from_server[left++] = uids[i];
                     continue;
                 }
+                correct_size(account, batch, uids[i], len);
                 if (uids[i] == batch->wanted_uid && !batch->wanted)
                     batch->wanted = cache_body_insert(account->bodies, batch->folder_id,
                                                       batch->uidvalidity, uids[i], data, len);
@@ -488,6 +515,11 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
  * reader stops, and it never sets \Seen (BODY.PEEK). */
 
 #define SCAN_GAP 8              /* "sequential": within 8 messages of the last read */
+
+static size_t scan_gap(const struct fs_account *account)
+{
+    return account->no_open ? 2 * NO_OPEN_TRIPWIRE : SCAN_GAP;
+}
 
 static void *readahead_main(void *arg)
 {
@@ -565,10 +597,10 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
     struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
     if (folder && folder->count) {
         size_t lo = cache_folder_lower_bound(folder, uid);
-        /* A reader was at one of the SCAN_GAP messages around this one. */
-        size_t cursor = cursors;
-        for (size_t i = lo > SCAN_GAP ? lo - SCAN_GAP : 0;
-             cursor == cursors && i < folder->count && i <= lo + SCAN_GAP; i++) {
+        /* A reader was at one of the scan_gap() messages around this one. */
+        size_t cursor = cursors, gap = scan_gap(account);
+        for (size_t i = lo > gap ? lo - gap : 0;
+             cursor == cursors && i < folder->count && i <= lo + gap; i++) {
             if (i == lo)
                 continue;
             for (size_t c = 0; c < cursors; c++)
@@ -658,16 +690,24 @@ static int note_read(struct fs_account *account, uint32_t folder_id, uint32_t ui
 }
 
 static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t uid,
-                      struct cache_body **out, int retried_stale);
+                      int from_start, struct cache_body **out, int retried_stale);
 
 int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid,
                     struct cache_body **out)
 {
-    return body_fetch(account, folder_id, uid, out, 0);
+    return body_fetch(account, folder_id, uid, 1, out, 0);
 }
 
+int fs_account_body_continued(struct fs_account *account, uint32_t folder_id, uint32_t uid,
+                              struct cache_body **out)
+{
+    return body_fetch(account, folder_id, uid, 0, out, 0);
+}
+
+/* from_start: a read of the message from its start (an open), which tells
+ * the read-ahead where a reader is; 0 for a read further on in it. */
 static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t uid,
-                      struct cache_body **out, int retried_stale)
+                      int from_start, struct cache_body **out, int retried_stale)
 {
     uint32_t uids[BATCH_MESSAGES], uidvalidity = 0;
     size_t count = 0;
@@ -685,7 +725,7 @@ static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t u
     folder->used_at = now_monotonic();
     cache_unlock(account->cache);
 
-    int step = note_read(account, folder_id, uid);
+    int step = from_start ? note_read(account, folder_id, uid) : 0;
     pthread_mutex_lock(&account->inflight_lock);
     for (;;) {
         *out = cache_body_get(account->bodies, folder_id, uidvalidity, uid);
@@ -723,7 +763,7 @@ static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t u
         free(mailbox);
         if (fs_account_load_folder(account, folder_id, 1) < 0)
             return -EIO;
-        return body_fetch(account, folder_id, uid, out, 1);
+        return body_fetch(account, folder_id, uid, from_start, out, 1);
     }
     if (ret == 0 && !batch.wanted)
         ret = -ENOENT; /* expunged by someone else meanwhile */

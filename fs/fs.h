@@ -111,6 +111,10 @@ size_t fs_account_stream_read(struct fs_account *account, uint32_t folder_id, ui
  * Fetches it, and the next messages of a sequential scan with it, on a miss. */
 int fs_account_body(struct fs_account *account, uint32_t folder_id, uint32_t uid,
                     struct cache_body **out);
+/* The same for a read that goes on inside a message (a READ past offset 0
+ * in no-open mode): it says nothing new of where a scan is. */
+int fs_account_body_continued(struct fs_account *account, uint32_t folder_id, uint32_t uid,
+                              struct cache_body **out);
 void fs_account_body_release(struct fs_account *account, struct cache_body *body);
 struct fs_notifier *fs_account_notifier(struct fs_account *account);
 /* Nonzero while folder_id still has this UIDVALIDITY. */
@@ -126,6 +130,11 @@ int fs_account_open_session(struct fs_account *account, struct imap_session **ou
 /* Nonzero when the server lacks UIDPLUS: rm can only flag \Deleted, and the
  * mount hides \Deleted messages so rm still looks like rm. */
 int fs_account_hides_deleted(const struct fs_account *account);
+/* Mounted with -o ro. */
+int fs_account_readonly(const struct fs_account *account);
+/* The kernel opens this mount's files without an OPEN request (read-only
+ * mounts, fs/ops.c): only reads show where a scan is.  Called at INIT. */
+void fs_account_set_no_open(struct fs_account *account);
 /* The server's APPENDLIMIT in bytes, 0 if it set none. */
 uint64_t fs_account_append_limit(const struct fs_account *account);
 
@@ -187,6 +196,10 @@ void fs_notify_inode(struct fs_notifier *notifier, fuse_ino_t ino);
  * invalidations after it, so stale pages never outlive it. */
 void fs_notify_store(struct fs_notifier *notifier, struct fs_account *account, uint32_t folder_id,
                      uint32_t uidvalidity, uint32_t uid, struct cache_body *body);
+/* Invalidates a file's attributes at once, not through the queue: for a
+ * READ handler whose reply the kernel will cut at a size it holds too small.
+ * The reader's next read then asks for the size (GETATTR) and reads on. */
+void fs_notify_attrs_now(struct fs_notifier *notifier, fuse_ino_t ino);
 
 /* ---------------------------------------------------------------- watcher */
 

@@ -198,3 +198,14 @@ void fs_notify_store(struct fs_notifier *notifier, struct fs_account *account, u
     notice->body = body;
     enqueue(notifier, notice);
 }
+
+/* Attributes only (offset -1): the kernel touches no page, so this cannot
+ * wait for the page the calling READ is filling, and it is safe inside a
+ * READ handler.  Through the queue it could land after the reader's next
+ * read, which would then take the old size for the end of the file. */
+void fs_notify_attrs_now(struct fs_notifier *notifier, fuse_ino_t ino)
+{
+    int ret = fuse_lowlevel_notify_inval_inode(notifier->session, ino, -1, 0);
+    if (ret < 0 && ret != -ENOENT)
+        log_debug("kernel invalidation failed: %s", strerror(-ret));
+}

@@ -44,6 +44,30 @@ static time_t mounted_at;
 static uid_t owner_uid;
 static gid_t owner_gid;
 
+/* No-open mode.  On a read-only mount (-o ro) OPEN and FLUSH answer
+ * ENOSYS: the kernel then opens every file of the mount without asking and
+ * closes it without a FLUSH (and sends no RELEASE), so a file already in
+ * the page cache costs no request at all.  A request costs a wakeup of the
+ * other vCPU on this project's machine, 50-100 us (bench/README.md), more
+ * than grep spends on the whole file; a warm grep was an OPEN and a RELEASE
+ * per message.  On a writable mount FLUSH must stay: close() of new mail is
+ * where its APPEND happens and a failure is reported, and the kernel's
+ * switch for FLUSH is per connection.  Reads arrive with fh 0 then, and a
+ * read from offset 0 stands for the open: it fetches and tells the
+ * read-ahead where the reader is (fs/bodies.c keeps some bodies of a scan
+ * out of the page cache, so that the reader's progress still shows).  Set
+ * once at INIT, read-only after. */
+static int no_open;
+
+/* In no-open mode a file the kernel believes empty is never read from the
+ * daemon: a message listed with RFC822.SIZE 0 (a server's lie, or a broken
+ * message) gets no attribute caching, so that every read asks GETATTR,
+ * which fetches it to learn its real size (fs_getattr). */
+static double attr_timeout_of(const struct stat *st, double timeout)
+{
+    return no_open && S_ISREG(st->st_mode) && st->st_size == 0 ? 0 : timeout;
+}
+
 void fs_attr_owner(struct stat *st)
 {
     st->st_uid = owner_uid;
@@ -93,7 +117,12 @@ static int ensure_listed(struct fs_account *account, uint32_t folder_id)
 
 static void fs_init(void *userdata, struct fuse_conn_info *conn)
 {
-    (void)userdata;
+    struct fs_account *account = userdata;
+
+    if (fs_account_readonly(account) && (conn->capable & FUSE_CAP_NO_OPEN_SUPPORT)) {
+        no_open = 1;
+        fs_account_set_no_open(account);
+    }
     mounted_at = time(NULL);
     owner_uid = getuid();
     owner_gid = getgid();
@@ -156,6 +185,7 @@ static void fs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     if (message) {
         message_attr(folder_id, message, &entry.attr);
         entry.ino = entry.attr.st_ino;
+        entry.attr_timeout = attr_timeout_of(&entry.attr, timeout);
         entry.generation = folder->uidvalidity;
         cache_unlock(cache);
         fuse_reply_entry(req, &entry);
@@ -220,7 +250,15 @@ static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     else
         folder_attr(folder, &st);
     cache_unlock(cache);
-    fuse_reply_attr(req, &st, fs_account_dir_timeout(account));
+    if (message && attr_timeout_of(&st, 1) == 0) {
+        struct cache_body *body;
+        if (fs_account_body_continued(account, folder_id, uid, &body) == 0) {
+            st.st_size = (off_t)body->len;
+            st.st_blocks = (blkcnt_t)((body->len + 511) / 512);
+            fs_account_body_release(account, body);
+        }
+    }
+    fuse_reply_attr(req, &st, attr_timeout_of(&st, fs_account_dir_timeout(account)));
 }
 
 static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -269,7 +307,7 @@ int fs_listing_add(struct fs_listing *listing, const char *name, const struct st
 
     if (listing->plus) {
         struct fuse_entry_param entry = { .ino = st->st_ino, .attr = *st,
-                                          .attr_timeout = listing->timeout,
+                                          .attr_timeout = attr_timeout_of(st, listing->timeout),
                                           .entry_timeout = listing->timeout };
         entry_size = fuse_add_direntry_plus(listing->req, listing->buf + listing->used, room,
                                             name, &entry, next_offset);
@@ -413,11 +451,41 @@ static void fs_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
     readdir_common(req, ino, size, offset, 1);
 }
 
+/* The body of a message the mount shows, referenced; *listed_size is the
+ * size the kernel was given (before a fetch corrects it) and
+ * *recently_reset says the folder's UIDVALIDITY changed in the last minute.
+ * from_start: an open, or a read from the first byte in no-open mode. */
+static int message_body(struct fs_account *account, fuse_ino_t ino, int from_start,
+                        struct cache_body **body, uint64_t *listed_size, int *recently_reset)
+{
+    struct cache *cache = fs_account_cache(account);
+    uint32_t folder_id = ino_folder_id(ino), uid = ino_uid(ino);
+
+    cache_lock(cache);
+    struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
+    if (folder && folder->listed_at == 0 && folder->uidvalidity == 0) {
+        /* the name may come from a first listing still arriving */
+        cache_unlock(cache);
+        ensure_listed(account, folder_id);
+        cache_lock(cache);
+        folder = cache_folder_by_id(cache, folder_id);
+    }
+    struct cache_message *message = visible_message(account, folder, uid);
+    *listed_size = message ? message->size : 0;
+    /* Right after a UIDVALIDITY change the kernel may still hold pages of the
+     * message this name meant before: open without keep_cache drops them. */
+    *recently_reset = folder && folder->reset_at > 0 && now_monotonic() - folder->reset_at < 60;
+    cache_unlock(cache);
+    if (!message)
+        return -ENOENT;
+    return from_start ? fs_account_body(account, folder_id, uid, body)
+                      : fs_account_body_continued(account, folder_id, uid, body);
+}
+
 static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs_account *account = account_of(req);
-    struct cache *cache = fs_account_cache(account);
-    uint32_t folder_id = ino_folder_id(ino), uid = ino_uid(ino);
+    uint32_t uid = ino_uid(ino);
 
     if (fs_is_newmail_ino(ino)) {
         int ret = fs_newmail_open(ino);
@@ -434,27 +502,12 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         fuse_reply_err(req, fs_is_search_ino(ino) && (ino & FS_INO_RESULT) ? ELOOP : EISDIR);
         return;
     }
-    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
-        fuse_reply_err(req, EACCES); /* messages are immutable */
+    if (no_open) {
+        fuse_reply_err(req, ENOSYS); /* the kernel asks no more: see no_open */
         return;
     }
-    cache_lock(cache);
-    struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
-    if (folder && folder->listed_at == 0 && folder->uidvalidity == 0) {
-        /* the name may come from a first listing still arriving */
-        cache_unlock(cache);
-        ensure_listed(account, folder_id);
-        cache_lock(cache);
-        folder = cache_folder_by_id(cache, folder_id);
-    }
-    struct cache_message *message = visible_message(account, folder, uid);
-    uint64_t listed_size = message ? message->size : 0;
-    /* Right after a UIDVALIDITY change the kernel may still hold pages of the
-     * message this name meant before: open without keep_cache drops them. */
-    int recently_reset = folder && folder->reset_at > 0 && now_monotonic() - folder->reset_at < 60;
-    cache_unlock(cache);
-    if (!message) {
-        fuse_reply_err(req, ENOENT);
+    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
+        fuse_reply_err(req, EACCES); /* messages are immutable */
         return;
     }
     /* An open message file's fh is its body, referenced until release, so
@@ -464,7 +517,9 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
      * wrong size.  Then this open bypasses the page cache (direct_io), so
      * reads go by the real length, and the attributes are corrected. */
     struct cache_body *body;
-    int ret = fs_account_body(account, folder_id, uid, &body);
+    uint64_t listed_size;
+    int recently_reset;
+    int ret = message_body(account, ino, 1, &body, &listed_size, &recently_reset);
     if (ret < 0) {
         fuse_reply_err(req, -ret);
         return;
@@ -481,14 +536,9 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         fs_account_body_release(account, body);
 }
 
-static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset,
-                    struct fuse_file_info *fi)
+static void reply_from_body(fuse_req_t req, const struct cache_body *body, size_t size,
+                            off_t offset)
 {
-    if (fs_is_newmail_ino(ino)) {
-        fs_newmail_read(req, ino, size, offset);
-        return;
-    }
-    const struct cache_body *body = (const struct cache_body *)(uintptr_t)fi->fh;
     if (offset < 0 || (uint64_t)offset >= body->len) {
         fuse_reply_buf(req, NULL, 0);
         return;
@@ -497,13 +547,53 @@ static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset,
     fuse_reply_buf(req, body->data + offset, size < available ? size : available);
 }
 
+/* A READ in no-open mode: no open fetched the body, so this does. */
+static void read_unopened(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset)
+{
+    struct fs_account *account = account_of(req);
+    struct cache_body *body;
+    uint64_t listed_size;
+    int recently_reset;
+
+    int ret = message_body(account, ino, offset == 0, &body, &listed_size, &recently_reset);
+    if (ret < 0) {
+        fuse_reply_err(req, -ret);
+        return;
+    }
+    /* The server's RFC822.SIZE was short: the kernel cuts this read at the
+     * size it holds, and the reader's next read must ask for the real one,
+     * so the attributes are stale before the reply.  One too long is cut by
+     * the kernel at this short reply, and the invalidation must come after
+     * it (see correct_size in fs/bodies.c). */
+    if (body->len > listed_size)
+        fs_notify_attrs_now(fs_account_notifier(account), ino);
+    reply_from_body(req, body, size, offset);
+    if (body->len < listed_size)
+        fs_notify_inode(fs_account_notifier(account), ino);
+    fs_account_body_release(account, body);
+}
+
+static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset,
+                    struct fuse_file_info *fi)
+{
+    if (fs_is_newmail_ino(ino)) {
+        fs_newmail_read(req, ino, size, offset);
+        return;
+    }
+    if (!fi->fh) {
+        read_unopened(req, ino, size, offset);
+        return;
+    }
+    reply_from_body(req, (const struct cache_body *)(uintptr_t)fi->fh, size, offset);
+}
+
 static void fs_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     (void)fi;
     if (fs_is_newmail_ino(ino))
         fs_newmail_flush(req, ino); /* close() of new mail: APPEND now */
     else
-        fuse_reply_err(req, 0);
+        fuse_reply_err(req, no_open ? ENOSYS : 0); /* ENOSYS: no FLUSH again */
 }
 
 static void fs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)

@@ -707,8 +707,9 @@ def test_open_right_after_an_expunge(mount_on, other):
 # --------------------------------------------------------------------------
 # UIDVALIDITY
 
+@pytest.mark.parametrize("mode", ["rw", "ro"])
 @pytest.mark.parametrize("gap", ["unseen", "seen"])
-def test_uidvalidity_change_never_shows_old_bytes(mount_on, sync_server, other, gap):
+def test_uidvalidity_change_never_shows_old_bytes(mount_on, sync_server, other, gap, mode):
     """Delete the folder and make it again with other mail: the same names
     (1.eml, 2.eml, ...) now stand for other messages.  The new ones of the
     same size as the old ones are the hard case: neither the size nor the
@@ -716,13 +717,14 @@ def test_uidvalidity_change_never_shows_old_bytes(mount_on, sync_server, other, 
     the mount usually never sees the folder gone (the same directory, a new
     UIDVALIDITY); 'seen': made again only once the mount shows it gone (a
     new directory under the old name, which the kernel may still hold an
-    entry for)."""
-    folder = f"SyncUV-{gap}"
+    entry for).  'ro': a read-only mount, whose files the kernel opens
+    without asking (so no open can drop old pages)."""
+    folder = f"SyncUV-{gap}-{mode}"
     old = [make_message(f"uv-old-{i}", size=size, fill=b"o")
            for i, size in enumerate((1500, 2600, 70000))]
     old_msgs = create_folder(other, folder, old)
     old_uv = other.uidvalidity(folder)
-    m = mount_on()
+    m = mount_on(options=["ro"] if mode == "ro" else [])
     dpath = m.folder_path(folder, "/")
     assert ls(dpath) == {f"{u}.eml" for u in old_msgs}
     for uid, data in old_msgs.items():                 # into every cache there is
