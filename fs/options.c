@@ -177,7 +177,8 @@ void fs_options_usage(const char *progname)
            "    -o cache_max=SIZE          bound of the persistent cache (default 1G)\n"
            "    -o max_download=SIZE       stop fetching mail after SIZE a day (UTC), e.g. 2G;\n"
            "                               for providers that lock accounts over a budget\n"
-           "    -o ro                      read-only mount\n"
+           "    -o ro                      read-only mount; files open without a request to\n"
+           "                               the daemon, the fastest mount for grep -r\n"
            "    -o allow_other             let other users in (needs user_allow_other in /etc/fuse.conf)\n"
            "    -o config=PATH             read accounts from PATH instead of the default file\n"
            "    FUSE options (-o ...) are passed on; _netdev, nofail, noauto, user, x-systemd.* are ignored.\n",
