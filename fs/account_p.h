@@ -109,8 +109,9 @@ struct fs_account {
     char delimiter;                 /* for new top-level folders; protected by cache lock */
     int hide_deleted;               /* no UIDPLUS: see fs_account_hides_deleted */
     int readonly;                   /* -o ro */
-    int no_open;                    /* the kernel opens files without asking (fs/ops.c);
-                                       set at INIT, before any other request */
+    atomic_int no_open;             /* the kernel opens files without asking (fs/ops.c);
+                                       set at INIT, read by the read-ahead threads,
+                                       which may be running already */
     char *namespace_prefix;         /* personal namespace ("INBOX." on Courier-style
                                        servers), not shown on the mount; "" if none */
     uint64_t append_limit;          /* APPENDLIMIT=, 0 if none */
