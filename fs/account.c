@@ -190,6 +190,11 @@ void fs_account_set_no_open(struct fs_account *account)
     account->no_open = 1;
 }
 
+int fs_account_no_open(const struct fs_account *account)
+{
+    return account->no_open;
+}
+
 /* ---------------------------------------------------------------- the pool */
 
 /* Logs in a new session.  OAuth2 tokens expire: when the server rejects

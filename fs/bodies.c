@@ -265,26 +265,19 @@ struct body_batch {
  * twice that distance. */
 #define NO_OPEN_TRIPWIRE 32
 
-static int is_tripwire(struct fs_account *account, uint32_t folder_id, uint32_t uid)
-{
-    cache_lock(account->cache);
-    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
-    int tripwire = folder && cache_folder_lower_bound(folder, uid) % NO_OPEN_TRIPWIRE == 0;
-    cache_unlock(account->cache);
-    return tripwire;
-}
-
 /* A body fetched ahead of its reader goes into the body cache and, when
  * not larger than a batch, into the kernel's page cache as well: the
  * reader's open then finds its pages there and reads without a READ
  * round trip.  A body whose size differs from the listing's is pushed too:
  * its open bypasses the page cache (direct_io), and a size corrected from
  * the server was invalidated in the kernel before this store, in the same
- * queue. */
+ * queue.  position: the message's place in its folder (-1 if unknown), for
+ * no-open mode's tripwires. */
 static void push_to_kernel(struct fs_account *account, const struct body_batch *batch,
-                           uint32_t uid, char *data, size_t len)
+                           uint32_t uid, char *data, size_t len, long position)
 {
-    if (len > BATCH_BYTES || (account->no_open && is_tripwire(account, batch->folder_id, uid))) {
+    int tripwire = account->no_open && position >= 0 && position % NO_OPEN_TRIPWIRE == 0;
+    if (len > BATCH_BYTES || tripwire) {
         cache_body_store(account->bodies, batch->folder_id, batch->uidvalidity, uid, data, len);
         return;
     }
@@ -305,17 +298,21 @@ int fs_account_uidvalidity_current(struct fs_account *account, uint32_t folder_i
     return current;
 }
 
-/* The size the listing promised must be the size reads deliver: a body
- * that differs corrects it, and the kernel's copy is invalidated.  Not for
- * the body a reader is waiting for: its open or READ handler does that
- * after replying, since an invalidation that lands before a short READ's
- * reply stops the kernel from cutting the file at the real end. */
-static void correct_size(struct fs_account *account, const struct body_batch *batch,
-                         uint32_t uid, size_t len)
+/* A body has arrived, from the server or the disk cache.  The size the
+ * listing promised must be the size reads deliver: a body that differs
+ * corrects it, and the kernel's copy is invalidated.  Not for the body a
+ * reader is waiting for: its open or READ handler does that after
+ * replying, since an invalidation that lands before a short READ's reply
+ * stops the kernel from cutting the file at the real end.  Then the body
+ * becomes the reader's (batch->wanted) or goes to the caches.  Takes data
+ * over; -ENOMEM when the wanted body cannot be kept. */
+static int take_body(struct fs_account *account, struct body_batch *batch, uint32_t uid,
+                     char *data, size_t len)
 {
     cache_lock(account->cache);
     struct cache_folder *folder = cache_folder_by_id(account->cache, batch->folder_id);
     struct cache_message *message = folder ? cache_folder_find(folder, uid) : NULL;
+    long position = message ? (long)(message - folder->messages) : -1;
     int resized = message && message->size != len;
     if (resized) {
         log_info("message %u: RFC822.SIZE %llu but %zu bytes fetched; using %zu", uid,
@@ -325,6 +322,14 @@ static void correct_size(struct fs_account *account, const struct body_batch *ba
     cache_unlock(account->cache);
     if (resized && uid != batch->wanted_uid) /* the kernel holds the old size */
         fs_notify_inode(account->notifier, fs_ino_message(batch->folder_id, uid));
+
+    if (uid == batch->wanted_uid && !batch->wanted) {
+        batch->wanted = cache_body_insert(account->bodies, batch->folder_id, batch->uidvalidity,
+                                          uid, data, len);
+        return batch->wanted ? 0 : -ENOMEM;
+    }
+    push_to_kernel(account, batch, uid, data, len, position);
+    return 0;
 }
 
 /* Each body goes into the cache the moment its literal is complete, and its
@@ -336,15 +341,9 @@ static int store_body(void *context, uint32_t uid, char *body, size_t len)
     struct fs_account *account = batch->account;
 
     budget_spend(account, len);
-    correct_size(account, batch, uid, len);
-    if (uid == batch->wanted_uid && !batch->wanted) {
-        batch->wanted = cache_body_insert(account->bodies, batch->folder_id, batch->uidvalidity,
-                                          uid, body, len);
-        if (!batch->wanted)
-            return -ENOMEM;
-    } else {
-        push_to_kernel(account, batch, uid, body, len);
-    }
+    int ret = take_body(account, batch, uid, body, len);
+    if (ret < 0)
+        return ret;
     disk_save_later(account, batch->mailbox, batch->folder_id, batch->uidvalidity, uid);
     pthread_mutex_lock(&account->inflight_lock);
     inflight_clear(account, batch->folder_id, uid);
@@ -441,12 +440,7 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
                     from_server[left++] = uids[i];
                     continue;
                 }
-                correct_size(account, batch, uids[i], len);
-                if (uids[i] == batch->wanted_uid && !batch->wanted)
-                    batch->wanted = cache_body_insert(account->bodies, batch->folder_id,
-                                                      batch->uidvalidity, uids[i], data, len);
-                else
-                    push_to_kernel(account, batch, uids[i], data, len);
+                take_body(account, batch, uids[i], data, len);
                 pthread_mutex_lock(&account->inflight_lock);
                 inflight_clear(account, batch->folder_id, uids[i]);
                 pthread_mutex_unlock(&account->inflight_lock);

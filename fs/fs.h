@@ -133,8 +133,9 @@ int fs_account_hides_deleted(const struct fs_account *account);
 /* Mounted with -o ro. */
 int fs_account_readonly(const struct fs_account *account);
 /* The kernel opens this mount's files without an OPEN request (read-only
- * mounts, fs/ops.c): only reads show where a scan is.  Called at INIT. */
+ * mounts, fs/ops.c): only reads show where a scan is.  Set at INIT. */
 void fs_account_set_no_open(struct fs_account *account);
+int fs_account_no_open(const struct fs_account *account);
 /* The server's APPENDLIMIT in bytes, 0 if it set none. */
 uint64_t fs_account_append_limit(const struct fs_account *account);
 

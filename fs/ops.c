@@ -44,28 +44,33 @@ static time_t mounted_at;
 static uid_t owner_uid;
 static gid_t owner_gid;
 
-/* No-open mode.  On a read-only mount (-o ro) OPEN and FLUSH answer
- * ENOSYS: the kernel then opens every file of the mount without asking and
- * closes it without a FLUSH (and sends no RELEASE), so a file already in
- * the page cache costs no request at all.  A request costs a wakeup of the
- * other vCPU on this project's machine, 50-100 us (bench/README.md), more
- * than grep spends on the whole file; a warm grep was an OPEN and a RELEASE
- * per message.  On a writable mount FLUSH must stay: close() of new mail is
- * where its APPEND happens and a failure is reported, and the kernel's
- * switch for FLUSH is per connection.  Reads arrive with fh 0 then, and a
- * read from offset 0 stands for the open: it fetches and tells the
- * read-ahead where the reader is (fs/bodies.c keeps some bodies of a scan
- * out of the page cache, so that the reader's progress still shows).  Set
- * once at INIT, read-only after. */
-static int no_open;
+/* No-open mode (fs_account_no_open).  On a read-only mount (-o ro) OPEN and
+ * FLUSH answer ENOSYS: the kernel then opens every file of the mount
+ * without asking and closes it without a FLUSH (and sends no RELEASE), so
+ * a file already in the page cache costs no request at all.  A request
+ * costs a wakeup of the other vCPU on this project's machine, 50-100 us
+ * (bench/README.md), more than grep spends on the whole file; a warm grep
+ * was an OPEN and a RELEASE per message.  On a writable mount FLUSH must
+ * stay: close() of new mail is where its APPEND happens and a failure is
+ * reported, and the kernel's switch for FLUSH is per connection.  Reads
+ * arrive with fh 0 then, and a read from offset 0 stands for the open: it
+ * fetches and tells the read-ahead where the reader is (fs/bodies.c keeps
+ * some bodies of a scan out of the page cache, so that the reader's
+ * progress still shows). */
 
 /* In no-open mode a file the kernel believes empty is never read from the
  * daemon: a message listed with RFC822.SIZE 0 (a server's lie, or a broken
- * message) gets no attribute caching, so that every read asks GETATTR,
- * which fetches it to learn its real size (fs_getattr). */
-static double attr_timeout_of(const struct stat *st, double timeout)
+ * message) has a size to learn, which its GETATTR fetches the message for,
+ * and gets no attribute caching, so that every read asks GETATTR. */
+static int size_to_learn(const struct fs_account *account, const struct stat *st)
 {
-    return no_open && S_ISREG(st->st_mode) && st->st_size == 0 ? 0 : timeout;
+    return S_ISREG(st->st_mode) && st->st_size == 0 && fs_account_no_open(account);
+}
+
+static double attr_timeout_of(const struct fs_account *account, const struct stat *st,
+                              double timeout)
+{
+    return size_to_learn(account, st) ? 0 : timeout;
 }
 
 void fs_attr_owner(struct stat *st)
@@ -119,10 +124,8 @@ static void fs_init(void *userdata, struct fuse_conn_info *conn)
 {
     struct fs_account *account = userdata;
 
-    if (fs_account_readonly(account) && (conn->capable & FUSE_CAP_NO_OPEN_SUPPORT)) {
-        no_open = 1;
+    if (fs_account_readonly(account) && (conn->capable & FUSE_CAP_NO_OPEN_SUPPORT))
         fs_account_set_no_open(account);
-    }
     mounted_at = time(NULL);
     owner_uid = getuid();
     owner_gid = getgid();
@@ -185,7 +188,7 @@ static void fs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     if (message) {
         message_attr(folder_id, message, &entry.attr);
         entry.ino = entry.attr.st_ino;
-        entry.attr_timeout = attr_timeout_of(&entry.attr, timeout);
+        entry.attr_timeout = attr_timeout_of(account, &entry.attr, timeout);
         entry.generation = folder->uidvalidity;
         cache_unlock(cache);
         fuse_reply_entry(req, &entry);
@@ -250,7 +253,7 @@ static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     else
         folder_attr(folder, &st);
     cache_unlock(cache);
-    if (message && attr_timeout_of(&st, 1) == 0) {
+    if (message && size_to_learn(account, &st)) {
         struct cache_body *body;
         if (fs_account_body_continued(account, folder_id, uid, &body) == 0) {
             st.st_size = (off_t)body->len;
@@ -258,7 +261,7 @@ static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
             fs_account_body_release(account, body);
         }
     }
-    fuse_reply_attr(req, &st, attr_timeout_of(&st, fs_account_dir_timeout(account)));
+    fuse_reply_attr(req, &st, attr_timeout_of(account, &st, fs_account_dir_timeout(account)));
 }
 
 static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -307,7 +310,8 @@ int fs_listing_add(struct fs_listing *listing, const char *name, const struct st
 
     if (listing->plus) {
         struct fuse_entry_param entry = { .ino = st->st_ino, .attr = *st,
-                                          .attr_timeout = attr_timeout_of(st, listing->timeout),
+                                          .attr_timeout = attr_timeout_of(
+                                              account_of(listing->req), st, listing->timeout),
                                           .entry_timeout = listing->timeout };
         entry_size = fuse_add_direntry_plus(listing->req, listing->buf + listing->used, room,
                                             name, &entry, next_offset);
@@ -502,8 +506,8 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         fuse_reply_err(req, fs_is_search_ino(ino) && (ino & FS_INO_RESULT) ? ELOOP : EISDIR);
         return;
     }
-    if (no_open) {
-        fuse_reply_err(req, ENOSYS); /* the kernel asks no more: see no_open */
+    if (fs_account_no_open(account)) {
+        fuse_reply_err(req, ENOSYS); /* the kernel asks no more: see no-open mode */
         return;
     }
     if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
@@ -564,7 +568,7 @@ static void read_unopened(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off
      * size it holds, and the reader's next read must ask for the real one,
      * so the attributes are stale before the reply.  One too long is cut by
      * the kernel at this short reply, and the invalidation must come after
-     * it (see correct_size in fs/bodies.c). */
+     * it (see take_body in fs/bodies.c). */
     if (body->len > listed_size)
         fs_notify_attrs_now(fs_account_notifier(account), ino);
     reply_from_body(req, body, size, offset);
@@ -593,7 +597,7 @@ static void fs_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     if (fs_is_newmail_ino(ino))
         fs_newmail_flush(req, ino); /* close() of new mail: APPEND now */
     else
-        fuse_reply_err(req, no_open ? ENOSYS : 0); /* ENOSYS: no FLUSH again */
+        fuse_reply_err(req, fs_account_no_open(account_of(req)) ? ENOSYS : 0); /* no FLUSH again */
 }
 
 static void fs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)

@@ -1125,15 +1125,17 @@ def test_body_size_differs_from_rfc822_size(rig, mode):
 # --------------------------------------------------------------------------
 # a server that stops answering
 
-def test_stalled_server(rig):
+@pytest.mark.parametrize("mode", ["rw", "ro"])
+def test_stalled_server(rig, mode):
     """The server stops answering (mid-literal, then entirely, even new
     connections get no greeting): uncached operations fail with EIO within
     timeout + margin; cached listings and bodies stay readable; once the
-    server answers again the mount works."""
+    server answers again the mount works.  'ro': a read-only mount, where
+    the READ with no open before it is what fetches and fails."""
     srv = rig.server(mailboxes=inbox(3) + [Mailbox("Other", messages=[simple_message(1),
                                                                       simple_message(2)]),
                                            Mailbox("Third", messages=[simple_message(1)])])
-    m = rig.mounted(srv)
+    m = rig.mounted(srv, options=["ro"] if mode == "ro" else [])
     assert_reads_right(m, srv, uids=(1, 2, 3), what="warm-up read")
     names, res = listing(m.path("Other"))
     assert names is not None, res
