@@ -49,6 +49,7 @@ struct disk_job {
 
 struct inflight {
     struct { uint32_t folder_id, uid; } key;
+    int waited;                     /* a reader waits for it: wake them when it lands */
     UT_hash_handle hh;
 };
 

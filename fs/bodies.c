@@ -204,15 +204,20 @@ static int inflight_mark(struct fs_account *account, uint32_t folder_id, uint32_
     return 0;
 }
 
-/* Clears one in-flight mark and wakes whoever waits for it.  Caller holds
+/* Clears one in-flight mark and wakes whoever waits for it.  Only a
+ * message someone waits for wakes the waiters: a scan's batch lands one
+ * body after another, and a reader waiting for one of them would otherwise
+ * be woken, on the other vCPU, for each body before it.  Caller holds
  * inflight_lock. */
 static void inflight_clear(struct fs_account *account, uint32_t folder_id, uint32_t uid)
 {
     struct inflight *entry = inflight_find(account, folder_id, uid);
     if (entry) {
+        int waited = entry->waited;
         HASH_DEL(account->inflight, entry);
         free(entry);
-        pthread_cond_broadcast(&account->inflight_done);
+        if (waited)
+            pthread_cond_broadcast(&account->inflight_done);
     }
 }
 
@@ -727,8 +732,10 @@ static int body_fetch(struct fs_account *account, uint32_t folder_id, uint32_t u
             pthread_mutex_unlock(&account->inflight_lock);
             return 0;
         }
-        if (!inflight_find(account, folder_id, uid))
+        struct inflight *fetching = inflight_find(account, folder_id, uid);
+        if (!fetching)
             break;
+        fetching->waited = 1;
         pthread_cond_wait(&account->inflight_done, &account->inflight_lock);
     }
     /* A miss.  A scan fetches a batch; a lone read (a mail client opening
