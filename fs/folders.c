@@ -566,6 +566,8 @@ static int refresh_folder(struct fs_account *account, const struct folder_snapsh
     if (ret < 0)
         return -ENOTCONN; /* not a broken session: no point in a retry */
     ret = imap_select_fresh(session, old->mailbox, 1, state);
+    if (ret == -EIO && !imap_session_broken(session))
+        ret = -EREMOTEIO; /* refused with no code: see folder_left_the_server */
     if (ret == 0 && old->listed && old->uidvalidity == state->uidvalidity &&
         old->highestmodseq && state->highestmodseq &&
         imap_session_has_capability(session, "CONDSTORE")) {
@@ -666,6 +668,24 @@ static void listing_to_disk(struct fs_account *account, uint32_t folder_id)
     free(mailbox);
 }
 
+/* Whether a fresh LIST no longer has the folder, asked after the server
+ * refused to open it with no response code (-EREMOTEIO from
+ * refresh_folder; a broken session is not asked about).  Dovecot 2.3
+ * answers an EXAMINE of a mailbox deleted by another client "NO Mailbox
+ * doesn't exist" with no NONEXISTENT code, which reads as an I/O error, and
+ * the mount would serve the gone folder from its cache as if the server
+ * were down until the folder list was looked at again. */
+static int folder_left_the_server(struct fs_account *account, uint32_t folder_id)
+{
+    if (fs_account_load_folders(account) < 0)
+        return 0; /* no answer: it may well still be there */
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    int gone = !folder || !folder->selectable;
+    cache_unlock(account->cache);
+    return gone;
+}
+
 int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int force)
 {
     struct folder_snapshot old;
@@ -709,6 +729,8 @@ int fs_account_load_folder(struct fs_account *account, uint32_t folder_id, int f
         table.stream = stream; /* it skips what readdir was shown already */
         ret = refresh_folder(account, &old, &state, &table);
     }
+    if (ret == -EREMOTEIO && folder_left_the_server(account, folder_id))
+        ret = -ENOENT;
     if (ret < 0 && ret != -ENOENT && ret != -ENOMEM)
         ret = -EIO; /* a protocol error or a refusal is an I/O error to the caller */
     if (ret < 0) {

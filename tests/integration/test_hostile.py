@@ -1457,3 +1457,42 @@ def test_password_in_url_is_refused(rig):
     assert srv.logins() == [], \
         f"logged in with a user name taken from 'alice:password': {srv.commands}"
     assert PASSWORD.encode() not in open(m.logfile, "rb").read(), "the URL's password is in the log"
+
+
+def test_folder_deleted_elsewhere_refused_without_a_code(rig):
+    """Dovecot 2.3 answers EXAMINE and STATUS of a mailbox another client
+    deleted with "NO Mailbox doesn't exist", no NONEXISTENT code.  A refusal
+    without a code is an I/O error, and the mount serves a folder's cached
+    listing when the server cannot be asked; but here the server answers,
+    and its LIST no longer has the folder: the next look at the folder must
+    say it is gone (ENOENT) and the parent must stop showing it, not go on
+    showing the old messages.  The watcher's poll is off (poll_interval), so
+    only the look itself can find out."""
+    srv = rig.server(mailboxes=inbox() + [Mailbox("Gone", messages=[simple_message(1, folder="Gone")])])
+    deleted = Switch()
+    deleted.on = False
+
+    def refuse(conn, cmd):
+        if deleted.on and cmd.tokens and cmd.tokens[0] == b"Gone":
+            return [cmd.no("Mailbox doesn't exist: Gone")]
+        return None
+    srv.on("EXAMINE", refuse)
+    srv.on("SELECT", refuse)
+    srv.on("STATUS", refuse)
+    m = rig.mounted(srv, options=["dir_cache_timeout=1", "poll_interval=3600"])
+    assert b"Gone" in set(listing(m.mountpoint)[0] or ())
+    names, res = listing(m.path("Gone"))
+    assert names and b"1.eml" in names, res
+
+    srv.mailboxes = [box for box in srv.mailboxes if box.name != b"Gone"]
+    deleted.on = True
+    time.sleep(1.2)                             # the listings are now older than the timeout
+    names, res = listing(m.path("Gone"))
+    assert_quick(res, what="ls of the deleted folder")
+    assert names is None and b"No such file or directory" in res.err, \
+        f"a folder gone from the server still lists: {names} {res}"
+    root, res = listing(m.mountpoint)
+    assert root is not None and b"Gone" not in root, f"the root still shows it: {root} {res}"
+    m.check_alive("after a folder was deleted elsewhere")
+    assert_reads_right(m, srv)
+    m.finish()
