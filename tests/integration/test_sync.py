@@ -744,9 +744,12 @@ def test_uidvalidity_change_never_shows_old_bytes(mount_on, sync_server, other, 
     other._ok(*other.imap.delete(q(folder)), "DELETE")
     if gap == "seen":
         root = os.path.dirname(dpath.rstrip("/"))
+        # the server's own LIST in the message tells a mount that missed
+        # the deletion from a server that still lists the folder
         wait_for("folder deleted (before its UIDVALIDITY change)",
                  lambda: folder not in (ls(root) or {folder}), since=t0,
-                 describe=lambda: where_is(root))
+                 describe=lambda: f"{where_is(root)}; the server's LIST has it: "
+                                  f"{[f for f in other.list_folders() if f[2] == folder]}")
     # Made again by a session logged in after the DELETE.  Dovecot 2.3
     # (Maildir) leaves the session that deleted a mailbox with a stale view of
     # it when another process touched it meanwhile (here, the mount): that
