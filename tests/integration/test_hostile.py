@@ -1459,15 +1459,18 @@ def test_password_in_url_is_refused(rig):
     assert PASSWORD.encode() not in open(m.logfile, "rb").read(), "the URL's password is in the log"
 
 
-def test_folder_deleted_elsewhere_refused_without_a_code(rig):
+@pytest.mark.parametrize("listed", ["gone", "still-listed"])
+def test_folder_deleted_elsewhere_refused_without_a_code(rig, listed):
     """Dovecot 2.3 answers EXAMINE and STATUS of a mailbox another client
     deleted with "NO Mailbox doesn't exist", no NONEXISTENT code.  A refusal
     without a code is an I/O error, and the mount serves a folder's cached
     listing when the server cannot be asked; but here the server answers,
     and its LIST no longer has the folder: the next look at the folder must
     say it is gone (ENOENT) and the parent must stop showing it, not go on
-    showing the old messages.  The watcher's poll is off (poll_interval), so
-    only the look itself can find out."""
+    showing the old messages.  'still-listed': LIST still has it, so the
+    refusal is only a refusal and the cached listing is served.  The
+    watcher's poll is off (poll_interval), so only the look itself can find
+    out."""
     srv = rig.server(mailboxes=inbox() + [Mailbox("Gone", messages=[simple_message(1, folder="Gone")])])
     deleted = Switch()
     deleted.on = False
@@ -1484,15 +1487,23 @@ def test_folder_deleted_elsewhere_refused_without_a_code(rig):
     names, res = listing(m.path("Gone"))
     assert names and b"1.eml" in names, res
 
-    srv.mailboxes = [box for box in srv.mailboxes if box.name != b"Gone"]
+    if listed == "gone":
+        srv.mailboxes = [box for box in srv.mailboxes if box.name != b"Gone"]
     deleted.on = True
+    seen = len(srv.commands)
     time.sleep(1.2)                             # the listings are now older than the timeout
     names, res = listing(m.path("Gone"))
-    assert_quick(res, what="ls of the deleted folder")
-    assert names is None and b"No such file or directory" in res.err, \
-        f"a folder gone from the server still lists: {names} {res}"
-    root, res = listing(m.mountpoint)
-    assert root is not None and b"Gone" not in root, f"the root still shows it: {root} {res}"
-    m.check_alive("after a folder was deleted elsewhere")
+    assert_quick(res, what="ls of the refused folder")
+    assert any(command == "LIST" for _, _, command, _ in srv.commands[seen:]), \
+        "the refusal did not make the mount ask LIST"
+    root, res_root = listing(m.mountpoint)
+    if listed == "gone":
+        assert names is None and b"No such file or directory" in res.err, \
+            f"a folder gone from the server still lists: {names} {res}"
+        assert root is not None and b"Gone" not in root, f"the root still shows it: {root} {res_root}"
+    else:
+        assert names and b"1.eml" in names, f"a refused folder still listed by LIST: {res}"
+        assert root is not None and b"Gone" in root, f"the root lost it: {root} {res_root}"
+    m.check_alive("after a folder was refused without a code")
     assert_reads_right(m, srv)
     m.finish()
