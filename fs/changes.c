@@ -420,8 +420,8 @@ static int learn_uid(struct fs_account *account, uint32_t folder_id, const char 
     return ret;
 }
 
-int fs_account_append(struct fs_account *account, uint32_t folder_id, const char *data,
-                      size_t len, int64_t date, uint32_t *new_uid)
+int fs_account_append(struct fs_account *account, uint32_t folder_id, const char *flags,
+                      const char *data, size_t len, int64_t date, uint32_t *new_uid)
 {
     struct imap_copy_result result = { 0 };
     struct imap_session *session;
@@ -439,7 +439,7 @@ int fs_account_append(struct fs_account *account, uint32_t folder_id, const char
         ret = imap_status(session, mailbox, &before);
         uidnext = before.uidnext;
         if (ret == 0) {
-            ret = imap_append(session, mailbox, NULL, date, data, len, &result);
+            ret = imap_append(session, mailbox, flags, date, data, len, &result);
             if (ret < 0 && ret != -EIO)
                 log_warn("APPEND to %s refused: %s", mailbox, imap_session_last_error(session));
         }
@@ -468,6 +468,50 @@ int fs_account_append(struct fs_account *account, uint32_t folder_id, const char
         }
     }
     free(mailbox);
+    return ret;
+}
+
+int fs_account_redate(struct fs_account *account, uint32_t folder_id, uint32_t uid,
+                      int64_t date, uint32_t *new_uid)
+{
+    *new_uid = 0;
+    if (account->hide_deleted)
+        return -ENOTSUP; /* no UIDPLUS: the first copy could only be flagged */
+
+    cache_lock(account->cache);
+    struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
+    struct cache_message *message = folder ? cache_folder_find(folder, uid) : NULL;
+    char *flags = message ? cache_flags_format(message->flags & ~CACHE_FLAG_DELETED,
+                                               message->keywords) : NULL;
+    cache_unlock(account->cache);
+    if (!message)
+        return -ENOENT;
+    if (!flags)
+        return -ENOMEM;
+
+    struct cache_body *body;
+    int ret = fs_account_body_continued(account, folder_id, uid, &body);
+    if (ret == 0) {
+        ret = fs_account_append(account, folder_id, flags, body->data, body->len, date, new_uid);
+        fs_account_body_release(account, body);
+    }
+    free(flags);
+    if (ret < 0)
+        return ret; /* the first copy stays as it was */
+
+    /* The new copy exists: only now may the first go. */
+    struct message_ref ref;
+    ret = message_ref_get(account, folder_id, uid, &ref);
+    if (ret == 0) {
+        ret = expunge_uid_retrying(account, ref.mailbox, uid);
+        if (ret == 0)
+            forget_message(account, folder_id, uid);
+        else
+            log_warn("%s: UID %u dated again as UID %u, but the first copy could not be "
+                     "expunged: %s; the message is there twice", ref.mailbox, uid, *new_uid,
+                     strerror(-ret));
+        free(ref.mailbox);
+    }
     return ret;
 }
 

@@ -17,7 +17,9 @@
  * Existing messages are immutable: open for writing and truncation give
  * EACCES.  chmod and utimes are accepted and change nothing (cp -p and rsync
  * -a set them; refusing would make every copy report errors); chown to
- * another user gives EPERM.
+ * another user gives EPERM.  Except that a new mtime for mail stored here a
+ * moment ago (rsync sets it after close) dates that mail again
+ * (redate_new_mail).
  *
  * Inodes of files being written carry PENDING_BIT; they are not messages yet. */
 #include "fs/fs.h"
@@ -53,6 +55,7 @@ struct newmail {
     int error;                  /* NEWMAIL_FAILED: the errno close() reported */
     uint32_t uid;               /* NEWMAIL_APPENDED: the message it became */
     unsigned opens;
+    int redating;               /* NEWMAIL_APPENDED: a new date is on its way */
     double expires;             /* aliases: monotonic time they are forgotten */
     struct newmail *next;
 };
@@ -98,7 +101,8 @@ static void newmail_expire(void)
     double now = now_monotonic();
     for (struct newmail **link = &newmail_list; *link;) {
         struct newmail *mail = *link;
-        if (mail->state != NEWMAIL_WRITING && mail->opens == 0 && mail->expires < now) {
+        if (mail->state != NEWMAIL_WRITING && mail->opens == 0 && !mail->redating &&
+            mail->expires < now) {
             *link = mail->next;
             newmail_free(mail);
         } else {
@@ -244,7 +248,7 @@ static int newmail_commit(struct fs_account *account, struct newmail *mail)
     if (!message)
         return -ENOMEM;
 
-    ret = fs_account_append(account, folder_id, message, len, date, &uid);
+    ret = fs_account_append(account, folder_id, NULL, message, len, date, &uid);
     free(message);
 
     pthread_mutex_lock(&newmail_lock);
@@ -464,6 +468,70 @@ int fs_newmail_open(fuse_ino_t ino)
 
 /* ---------------------------------------------------------------- attributes */
 
+/* The times of mail this mount stored a moment ago (its alias still lives):
+ * rsync sets them on its temporary file after close(), when the APPEND is
+ * done, and cp -p might.  A new modification time is given to the server by
+ * dating the message again (fs_account_redate: a second APPEND, then the
+ * first copy expunged), so a copy keeps its date as with cp -p.  Returns 1
+ * with st the attributes it now has, 0 when there was nothing to do (not
+ * such mail, the same date, or a server without UIDPLUS, where the first
+ * copy could not go), or -errno, the message then being as it was. */
+static int redate_new_mail(struct fs_account *account, uint32_t folder_id, uint32_t uid,
+                           int64_t date, struct stat *st)
+{
+    pthread_mutex_lock(&newmail_lock);
+    newmail_expire();
+    struct newmail *mail = newmail_list;
+    while (mail && !(mail->state == NEWMAIL_APPENDED && mail->folder_id == folder_id &&
+                     mail->uid == uid))
+        mail = mail->next;
+    if (!mail || mail->redating) {
+        pthread_mutex_unlock(&newmail_lock);
+        return 0;
+    }
+    mail->redating = 1;
+    pthread_mutex_unlock(&newmail_lock);
+
+    uint32_t new_uid = 0;
+    int ret = message_stat(account, folder_id, uid, st);
+    if (ret == 0 && st->st_mtim.tv_sec != date)
+        ret = fs_account_redate(account, folder_id, uid, date, &new_uid);
+    else if (ret == 0)
+        ret = -EALREADY;
+
+    pthread_mutex_lock(&newmail_lock);
+    mail->redating = 0;
+    if (ret == 0) {
+        mail->uid = new_uid; /* 0 if the server did not say: the alias then ends */
+        mail->date = date;
+    }
+    char *name = ret == 0 ? strdup(mail->name) : NULL;
+    pthread_mutex_unlock(&newmail_lock);
+    if (ret == -EALREADY || ret == -ENOTSUP)
+        return 0;
+    if (ret < 0) {
+        log_warn("new message %u in folder %u keeps its date: %s", uid, folder_id, strerror(-ret));
+        return ret;
+    }
+
+    /* The alias and both UID names must be looked up again. */
+    fuse_ino_t parent = fs_ino_folder(folder_id);
+    struct fs_notifier *notifier = fs_account_notifier(account);
+    char uid_name[32];
+    if (name)
+        fs_notify_entry(notifier, parent, name);
+    free(name);
+    fs_name_from_uid(uid, uid_name, sizeof(uid_name));
+    fs_notify_entry(notifier, parent, uid_name);
+    if (new_uid) {
+        fs_name_from_uid(new_uid, uid_name, sizeof(uid_name));
+        fs_notify_entry(notifier, parent, uid_name);
+    }
+    if (!new_uid || message_stat(account, folder_id, new_uid, st) < 0)
+        st->st_mtim.tv_sec = st->st_atim.tv_sec = st->st_ctim.tv_sec = (time_t)date;
+    return 1;
+}
+
 void fs_write_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
                        struct fuse_file_info *fi)
 {
@@ -525,6 +593,18 @@ void fs_write_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_
     if (to_set & FUSE_SET_ATTR_SIZE) {
         fuse_reply_err(req, EACCES); /* messages are immutable */
         return;
+    }
+    if ((to_set & FUSE_SET_ATTR_MTIME) && !(to_set & FUSE_SET_ATTR_MTIME_NOW)) {
+        int redated = redate_new_mail(account, folder_id, uid, attr->st_mtim.tv_sec, &st);
+        if (redated < 0) {
+            fuse_reply_err(req, -redated);
+            return;
+        }
+        if (redated) {
+            st.st_ino = ino; /* the kernel's inode, now a name that is gone */
+            fuse_reply_attr(req, &st, 0);
+            return;
+        }
     }
     int ret = message_stat(account, folder_id, uid, &st);
     if (ret < 0)

@@ -45,6 +45,7 @@ struct imap_session {
     char *selected;             /* selected mailbox name, or NULL; owned */
     int selected_readonly;
     struct imap_mailbox_state state; /* of the selected mailbox */
+    uint32_t view_uidnext;      /* every UID below is in this session's view of it */
     imap_unsolicited_fn *unsolicited;
     void *unsolicited_context;
     const char *host;           /* for messages; points into the config */
@@ -455,6 +456,21 @@ static int simple_command_with(struct imap_session *session, const char *text,
 static int simple_command(struct imap_session *session, const char *text)
 {
     return simple_command_with(session, text, NULL, NULL);
+}
+
+/* A server acts on the messages in the session's view of the selected
+ * mailbox, which it brings up to date between commands (Dovecot: after
+ * each).  A UID FETCH, STORE, EXPUNGE, COPY or MOVE of a message another
+ * session added since then would match nothing and still answer OK; a NOOP
+ * first brings it into view. */
+static int bring_into_view(struct imap_session *session, uint32_t uid)
+{
+    if (!session->selected || uid < session->view_uidnext)
+        return 0;
+    int ret = simple_command(session, "NOOP");
+    if (ret == 0 && uid < UINT32_MAX)
+        session->view_uidnext = uid + 1;
+    return ret;
 }
 
 /* "* ENABLED QRESYNC": the server turned it on for this session. */
@@ -1006,6 +1022,7 @@ int imap_select_fresh(struct imap_session *session, const char *mailbox, int rea
         return -ENOMEM;
     session->selected_readonly = readonly;
     session->state = fresh;
+    session->view_uidnext = fresh.uidnext;
     if (state)
         *state = fresh;
     return 0;
@@ -1155,6 +1172,9 @@ int imap_fetch_meta(struct imap_session *session, uint32_t first, uint32_t last,
 {
     struct meta_context meta = { first, last, fn, context };
     char text[96];
+    int ret = last ? bring_into_view(session, last) : 0;
+    if (ret < 0)
+        return ret;
 
     if (last)
         snprintf(text, sizeof(text), "UID FETCH %u:%u (UID RFC822.SIZE INTERNALDATE FLAGS)",
@@ -1322,6 +1342,8 @@ static int copy_or_move(struct imap_session *session, const char *verb, uint32_t
     int ret;
 
     memset(result, 0, sizeof(*result));
+    if ((ret = bring_into_view(session, uid)) < 0)
+        return ret;
     command_addf(&cmd, "UID %s %u ", verb, uid);
     command_add_string(session, &cmd, mailbox, strlen(mailbox));
     ret = run_command(session, &cmd, copy_handler, &copy, &tagged);
@@ -1355,11 +1377,14 @@ int imap_uid_copy(struct imap_session *session, uint32_t uid, const char *mailbo
 int imap_uid_store(struct imap_session *session, uint32_t uid, const char *how,
                    const char *flags)
 {
+    int ret = bring_into_view(session, uid);
+    if (ret < 0)
+        return ret;
     struct command cmd = { .redact_from = -1 };
     command_addf(&cmd, "UID STORE %u %s.SILENT (", uid, how);
     command_add(&cmd, flags, strlen(flags));
     command_add(&cmd, ")", 1);
-    int ret = run_command(session, &cmd, NULL, NULL, NULL);
+    ret = run_command(session, &cmd, NULL, NULL, NULL);
     free(cmd.buf);
     return ret;
 }
@@ -1370,6 +1395,9 @@ int imap_uid_expunge(struct imap_session *session, uint32_t uid)
 
     if (!imap_session_has_capability(session, "UIDPLUS"))
         return -ENOTSUP;
+    int ret = bring_into_view(session, uid);
+    if (ret < 0)
+        return ret;
     snprintf(text, sizeof(text), "UID EXPUNGE %u", uid);
     return simple_command(session, text);
 }
@@ -1609,6 +1637,9 @@ static int fetch_flags(struct imap_session *session, uint32_t first, uint32_t la
 {
     struct flags_context flags = { first, last, fn, context, vanished };
     char text[160], range[32], modifier[64] = "";
+    int ret = last ? bring_into_view(session, last) : 0;
+    if (ret < 0)
+        return ret;
 
     if (last)
         snprintf(range, sizeof(range), "%u:%u", first, last);

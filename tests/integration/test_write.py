@@ -89,6 +89,9 @@ PREP = {
     "fresh/rsync-a": ([], ""),
     "fresh/mv": ([], ""),
     "fresh/touch": ([], ""),
+    "fresh/redate": ([], ""),
+    "just-stored/src": (["js1"], ""),
+    "just-stored/dst": ([], ""),
     "fresh/alias-listed": ([], ""),
     "fresh/alias-unlisted": ([], ""),
     "cp-within/src": (["cw1", "cw2"], "\\Seen"),
@@ -113,6 +116,7 @@ PREP = {
     "trash-src": (["tr1", "tr2", "tr3"], "\\Seen"),
     "Trash": ([], ""),
     "fault-append": ([], ""),
+    "fault-redate": ([], ""),
     "fault-move-request/src": (["fmq1", "fmq2", "fmq3"], "\\Seen"),
     "fault-move-request/dst": ([], ""),
     "fault-move-answer/src": (["fma1", "fma2", "fma3"], "\\Seen"),
@@ -495,13 +499,89 @@ def test_shell_redirection_of_several_commands_appends_once(mount, server, check
 
 @pytest.mark.parametrize("args", [[], ["-a"]], ids=["rsync", "rsync-a"])
 def test_rsync_appends(args, mount, server, checker, tmp_path):
-    """rsync writes a temporary file, closes it, sets its attributes and
-    renames it into place."""
+    """rsync writes a temporary file, closes it (the APPEND), sets its
+    attributes and renames it into place.  With -a the time it sets comes
+    after the APPEND: the message is dated again, and only that copy stays
+    (without UIDPLUS the date stays: test_times_set_after_close_...)."""
     folder = "fresh/rsync" + ("-a" if args else "")
     src, data = local_message(tmp_path, folder.replace("/", "-"), size=100_000)
     r = run(["rsync"] + args + [src, os.path.join(mount.mountpoint, folder, "msg.eml")])
     assert r.returncode == 0, f"rsync {' '.join(args)} failed: {r.stdout}"
-    check_new_message(server, checker, mount, folder, data)
+    check_new_message(server, checker, mount, folder, data,
+                      internaldate=LOCAL_MTIME if args and server.uidplus else None)
+
+
+def test_times_set_after_close_date_the_new_message(mount, server, checker):
+    """A time set on mail this mount has just stored (by the name it was
+    written under, as rsync does) becomes its INTERNALDATE: the message is
+    stored again with that date and its flags, and the first copy expunged.
+    Without UIDPLUS the first copy could only be flagged, so the time is
+    accepted and changes nothing, as on any other message."""
+    folder = "fresh/redate"
+    mf = os.path.join(mount.mountpoint, folder)
+    alias = os.path.join(mf, "draft.eml")
+    data = message("redate")
+    with open(alias, "wb") as f:
+        f.write(data)
+    (first, before), = checker.messages(folder).items()
+    os.setxattr(os.path.join(mf, f"{first}.eml"), FLAGS_XATTR, b"\\Flagged")
+    assert before["internaldate"] != LOCAL_MTIME
+
+    os.utime(alias, (LOCAL_MTIME, LOCAL_MTIME))
+    after = checker.messages(folder)
+    assert len(after) == 1, f"{folder} on the server: {after}"
+    (uid, meta), = after.items()
+    assert checker.body(folder, uid) == data
+    assert "\\Flagged" in meta["flags"] and "\\Deleted" not in meta["flags"]
+    if server.uidplus:
+        assert uid != first, "the message was not stored again"
+        assert meta["internaldate"] == LOCAL_MTIME
+        st = os.stat(alias)
+        assert st.st_mtime == LOCAL_MTIME, "the name written under does not show the new date"
+        assert st.st_ino == os.stat(os.path.join(mf, f"{uid}.eml")).st_ino
+    else:
+        assert uid == first and meta["internaldate"] == before["internaldate"]
+    assert ls(mf) == names(uid)
+
+    # the same time again, by its UID name: nothing to do
+    os.utime(os.path.join(mf, f"{uid}.eml"), (LOCAL_MTIME, LOCAL_MTIME))
+    assert checker.messages(folder) == after
+
+
+def test_mail_just_stored_can_be_flagged_moved_and_removed(mount, checker):
+    """Flags, mv and rm of a message right after it was written.  The
+    connection that acts on it may have had the folder selected since before
+    the APPEND (made on another connection), and a server acts only on the
+    messages in a connection's view: Dovecot then answers OK and changes
+    nothing.  (A message flagged \\Deleted counts as gone: without UIDPLUS
+    that is all rm and mv can do.)"""
+    src, dst = "just-stored/src", "just-stored/dst"
+    msrc, mdst = os.path.join(mount.mountpoint, src), os.path.join(mount.mountpoint, dst)
+
+    def live(folder):
+        return {uid: meta for uid, meta in checker.messages(folder).items()
+                if "\\Deleted" not in meta["flags"]}
+
+    for i in range(4):
+        for how in ("flags", "mv", "rm"):
+            data = message(f"just-stored-{how}-{i}")
+            with open(os.path.join(msrc, f"new-{how}-{i}.eml"), "wb") as f:
+                f.write(data)
+            uid = max(checker.messages(src))
+            path = os.path.join(msrc, f"{uid}.eml")
+            assert f"{uid}.eml" in ls(msrc)    # as a script finds the new name
+            if how == "flags":
+                os.setxattr(path, FLAGS_XATTR, b"\\Flagged")
+                assert "\\Flagged" in checker.messages(src)[uid]["flags"], \
+                    f"round {i}: the flag set on {uid}.eml right after it was written is not on the server"
+            elif how == "mv":
+                os.rename(path, os.path.join(mdst, f"{uid}.eml"))
+                assert uid not in live(src), f"round {i}: mv left {uid}.eml in {src}"
+                assert data in [checker.body(dst, u) for u in live(dst)], \
+                    f"round {i}: mv did not bring {uid}.eml to {dst}"
+            else:
+                os.unlink(path)
+                assert uid not in live(src), f"round {i}: rm left {uid}.eml on the server"
 
 
 def test_mv_from_local_disk_appends(mount, server, checker, tmp_path):
@@ -1094,6 +1174,51 @@ def test_connection_cut_in_the_middle_of_an_append(faulty, proxy, server, checke
         assert stored == [], f"cp failed ({r.stdout.strip()}), but the server holds the message as {stored}"
     assert m.proc.poll() is None, "imapfs died"
     assert eventually_ls(mf) == names(*stored)
+    m.unmount()
+
+
+def test_connection_cut_while_new_mail_is_dated_again(faulty, proxy, server, checker, tmp_path):
+    """cp of a ~1 MB message, then a time set on it (rsync's order), with the
+    connection cut inside the second APPEND that dates it again: the time
+    fails and the first copy stays, or it succeeds and only the new copy
+    is there.  Never both, never neither."""
+    m = faulty
+    folder = "fault-redate"
+    mf = os.path.join(m.mountpoint, folder)
+    src, data = local_message(tmp_path, "fault-redate", size=1 << 20)
+    r = run(["cp", src, os.path.join(mf, "msg.eml")])
+    assert r.returncode == 0, f"cp failed: {r.stdout}"
+    (first, before), = checker.messages(folder).items()
+    offset = len(m.log())
+    proxy.cut_after(c2s=400_000, scope="all", limit=1)
+    t = time.monotonic()
+    try:
+        os.utime(os.path.join(mf, "msg.eml"), (LOCAL_MTIME, LOCAL_MTIME))
+        error = None
+    except OSError as e:
+        error = e
+    elapsed = time.monotonic() - t
+    proxy.clear_cuts()
+    assert elapsed < FAULT_LIMIT
+    live = {uid: meta for uid, meta in checker.messages(folder).items()
+            if "\\Deleted" not in meta["flags"]}
+    print(f"utime: {error} after {elapsed:.1f}s; live copies {sorted(live)}")
+    if not server.uidplus:
+        assert error is None and proxy.cuts == 0, "without UIDPLUS nothing is sent"
+        assert live == {first: before}
+        return
+    assert proxy.cuts >= 1, "the cut never happened"
+    assert re.search(r"C: \S+ APPEND ", m.log()[offset:]), "no second APPEND was sent"
+    assert len(live) == 1, f"the message is live {len(live)} times: {sorted(live)}"
+    (uid, meta), = live.items()
+    assert checker.body(folder, uid) == crlf(data)
+    if error is None:
+        assert uid != first and meta["internaldate"] == LOCAL_MTIME
+    else:
+        assert (uid, meta["internaldate"]) == (first, before["internaldate"]), \
+            f"utime failed ({error}), but the message changed"
+    assert m.proc.poll() is None, "imapfs died"
+    assert eventually_ls(mf) == names(uid)
     m.unmount()
 
 
