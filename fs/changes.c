@@ -421,15 +421,17 @@ static int learn_uid(struct fs_account *account, uint32_t folder_id, const char 
 }
 
 int fs_account_append(struct fs_account *account, uint32_t folder_id, const char *flags,
-                      const char *data, size_t len, int64_t date, uint32_t *new_uid)
+                      const char *data, size_t len, int64_t date, uint32_t *new_uid,
+                      uint32_t *uidvalidity)
 {
     struct imap_copy_result result = { 0 };
     struct imap_session *session;
-    uint32_t uidnext = 0;
+    uint32_t uidnext = 0, uidvalidity_before = 0;
     char *mailbox = fs_folder_mailbox(account, folder_id);
     int ret;
 
     *new_uid = 0;
+    *uidvalidity = 0;
     if (!mailbox)
         return -EPERM;
     ret = fs_session_acquire(account, mailbox, &session);
@@ -438,6 +440,7 @@ int fs_account_append(struct fs_account *account, uint32_t folder_id, const char
         struct imap_mailbox_state before;
         ret = imap_status(session, mailbox, &before);
         uidnext = before.uidnext;
+        uidvalidity_before = before.uidvalidity;
         if (ret == 0) {
             ret = imap_append(session, mailbox, flags, date, data, len, &result);
             if (ret < 0 && ret != -EIO)
@@ -459,6 +462,7 @@ int fs_account_append(struct fs_account *account, uint32_t folder_id, const char
     }
     if (ret == 0) {
         *new_uid = result.uid;
+        *uidvalidity = result.uidvalidity ? result.uidvalidity : uidvalidity_before;
         if (!result.uid || learn_uid(account, folder_id, mailbox, result.uid) < 0) {
             cache_lock(account->cache);
             struct cache_folder *folder = cache_folder_by_id(account->cache, folder_id);
@@ -472,9 +476,10 @@ int fs_account_append(struct fs_account *account, uint32_t folder_id, const char
 }
 
 int fs_account_redate(struct fs_account *account, uint32_t folder_id, uint32_t uid,
-                      int64_t date, uint32_t *new_uid)
+                      int64_t date, uint32_t *new_uid, uint32_t *new_uidvalidity)
 {
     *new_uid = 0;
+    *new_uidvalidity = 0;
     if (account->hide_deleted)
         return -ENOTSUP; /* no UIDPLUS: the first copy could only be flagged */
 
@@ -492,7 +497,8 @@ int fs_account_redate(struct fs_account *account, uint32_t folder_id, uint32_t u
     struct cache_body *body;
     int ret = fs_account_body_continued(account, folder_id, uid, &body);
     if (ret == 0) {
-        ret = fs_account_append(account, folder_id, flags, body->data, body->len, date, new_uid);
+        ret = fs_account_append(account, folder_id, flags, body->data, body->len, date, new_uid,
+                                new_uidvalidity);
         fs_account_body_release(account, body);
     }
     free(flags);

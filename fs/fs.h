@@ -148,15 +148,17 @@ int fs_account_move(struct fs_account *account, uint32_t from_id, uint32_t uid, 
 /* Expunges exactly that message (or moves it to -o trash). */
 int fs_account_delete(struct fs_account *account, uint32_t folder_id, uint32_t uid);
 /* APPENDs a new message (line ends already CRLF) with flags ("\\Seen $Work",
- * or NULL); date < 0 for now. */
+ * or NULL); date < 0 for now.  *new_uid is its UID (0 if the server did not
+ * say), *uidvalidity the folder's UIDVALIDITY it belongs to. */
 int fs_account_append(struct fs_account *account, uint32_t folder_id, const char *flags,
-                      const char *data, size_t len, int64_t date, uint32_t *new_uid);
+                      const char *data, size_t len, int64_t date, uint32_t *new_uid,
+                      uint32_t *uidvalidity);
 /* Gives uid another INTERNALDATE: APPENDs the same bytes and flags with date,
  * then expunges uid.  *new_uid is the copy's UID (0 if the server did not
  * say).  On failure the first copy stays (an error after the APPEND leaves
  * both, and says so in the log).  -ENOTSUP without UIDPLUS. */
 int fs_account_redate(struct fs_account *account, uint32_t folder_id, uint32_t uid,
-                      int64_t date, uint32_t *new_uid);
+                      int64_t date, uint32_t *new_uid, uint32_t *new_uidvalidity);
 /* Replaces the flags ("\\Seen $Work", validated by the caller). */
 int fs_account_store_flags(struct fs_account *account, uint32_t folder_id, uint32_t uid,
                            const char *flags);

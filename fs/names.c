@@ -169,3 +169,28 @@ void fs_name_from_uid(unsigned int uid, char *buf, size_t buflen)
     if (buflen)
         snprintf(buf, buflen, "%u.eml", uid);
 }
+
+static int ends_with(const char *name, size_t len, const char *suffix)
+{
+    size_t n = strlen(suffix);
+    return len >= n && memcmp(name + len - n, suffix, n) == 0;
+}
+
+int fs_name_is_scratch(const char *name)
+{
+    size_t len = name ? strlen(name) : 0;
+    if (len < 3)
+        return 0;
+    if (name[0] == '#' && name[len - 1] == '#')
+        return 1;                               /* emacs auto-save */
+    if (name[0] != '.')
+        return 0;
+    if (strncmp(name, ".~lock.", 7) == 0 && name[len - 1] == '#')
+        return 1;                               /* LibreOffice */
+    if (ends_with(name, len, ".kate-swp"))
+        return 1;
+    /* vim (and nano's locks): ".swp", then ".swo" ... ".swa", ".svz" ... ".saa" */
+    const char *ext = name + len - 4;
+    return len >= 4 && ext[0] == '.' && ext[1] == 's' && ext[2] >= 'a' && ext[2] <= 'w' &&
+           ext[3] >= 'a' && ext[3] <= 'z' && (ext == name || ext[-1] != '.');
+}

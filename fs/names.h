@@ -27,4 +27,10 @@ char *fs_name_to_component(const char *name);
 int fs_name_to_uid(const char *name, unsigned int *uid);
 void fs_name_from_uid(unsigned int uid, char *buf, size_t buflen);
 
+/* Nonzero for the scratch files editors make beside the file they open
+ * (vim's and nano's ".NAME.swp" to ".NAME.saa", kate's ".NAME.kate-swp",
+ * emacs's "#NAME#", LibreOffice's ".~lock.NAME#"): not mail.  Viewing a
+ * message in vim would otherwise store its swap file as a new message. */
+int fs_name_is_scratch(const char *name);
+
 #endif

@@ -12,7 +12,9 @@
  * NEWUID.eml.  Its original name stays
  * an alias of the new message for a while, so tools that write a temporary
  * file and then rename it (rsync), or set its times after close (cp -p), keep
- * working; aliases never show in listings.
+ * working; aliases never show in listings.  rm of an alias removes the
+ * message: the file its writer made is gone.  Editors' swap files are not
+ * mail and cannot be created (fs_name_is_scratch).
  *
  * Existing messages are immutable: open for writing and truncation give
  * EACCES.  chmod and utimes are accepted and change nothing (cp -p and rsync
@@ -54,6 +56,7 @@ struct newmail {
                                    sharing the fd: `{ cat a; cat b; } > f`) are not */
     int error;                  /* NEWMAIL_FAILED: the errno close() reported */
     uint32_t uid;               /* NEWMAIL_APPENDED: the message it became */
+    uint32_t uidvalidity;       /* ... in the folder as it was then (0: unknown) */
     unsigned opens;
     int redating;               /* NEWMAIL_APPENDED: a new date is on its way */
     double expires;             /* aliases: monotonic time they are forgotten */
@@ -226,6 +229,30 @@ static char *to_crlf(const char *data, size_t len, size_t *out_len)
     return out;
 }
 
+/* The folder's UIDVALIDITY as the cache knows it, 0 if not listed. */
+static uint32_t folder_uidvalidity(struct fs_account *account, uint32_t folder_id)
+{
+    struct cache *cache = fs_account_cache(account);
+    cache_lock(cache);
+    struct cache_folder *folder = cache_folder_by_id(cache, folder_id);
+    uint32_t uidvalidity = folder ? folder->uidvalidity : 0;
+    cache_unlock(cache);
+    return uidvalidity;
+}
+
+/* Is the folder (listed now if it never was) still the one new mail was
+ * stored in, so that its UID still names that message? */
+static int same_folder_as_stored(struct fs_account *account, uint32_t folder_id,
+                                 uint32_t stored_uidvalidity)
+{
+    if (!stored_uidvalidity)
+        return 0;
+    uint32_t now = folder_uidvalidity(account, folder_id);
+    if (!now && fs_account_load_folder(account, folder_id, 0) == 0)
+        now = folder_uidvalidity(account, folder_id);
+    return now == stored_uidvalidity;
+}
+
 /* APPENDs a file being written.  Called at its first flush (close), or at
  * release if no flush came.  Returns 0 or -errno; the state records it. */
 static int newmail_commit(struct fs_account *account, struct newmail *mail)
@@ -248,7 +275,8 @@ static int newmail_commit(struct fs_account *account, struct newmail *mail)
     if (!message)
         return -ENOMEM;
 
-    ret = fs_account_append(account, folder_id, NULL, message, len, date, &uid);
+    uint32_t uidvalidity;
+    ret = fs_account_append(account, folder_id, NULL, message, len, date, &uid, &uidvalidity);
     free(message);
 
     pthread_mutex_lock(&newmail_lock);
@@ -258,6 +286,7 @@ static int newmail_commit(struct fs_account *account, struct newmail *mail)
     if (ret == 0) {
         mail->state = NEWMAIL_APPENDED;
         mail->uid = uid;
+        mail->uidvalidity = uidvalidity;
     } else {
         mail->state = NEWMAIL_FAILED;
         mail->error = ret == -ENOMEM ? ENOMEM : -ret;
@@ -310,6 +339,12 @@ void fs_write_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
     }
     if (!folder_is_selectable(account, folder_id)) {
         fuse_reply_err(req, EPERM); /* a parent that holds no messages */
+        return;
+    }
+    /* An editor's swap or lock file beside a message it shows is not mail
+     * (vim then keeps its swap file in another directory). */
+    if (fs_name_is_scratch(name)) {
+        fuse_reply_err(req, EPERM);
         return;
     }
     /* An existing message of that name is immutable. */
@@ -490,12 +525,15 @@ static int redate_new_mail(struct fs_account *account, uint32_t folder_id, uint3
         return 0;
     }
     mail->redating = 1;
+    uint32_t uidvalidity = mail->uidvalidity;
     pthread_mutex_unlock(&newmail_lock);
 
-    uint32_t new_uid = 0;
-    int ret = message_stat(account, folder_id, uid, st);
-    if (ret == 0 && st->st_mtim.tv_sec != date)
-        ret = fs_account_redate(account, folder_id, uid, date, &new_uid);
+    uint32_t new_uid = 0, new_uidvalidity = 0;
+    int ret = 0;
+    if (!same_folder_as_stored(account, folder_id, uidvalidity))
+        ret = -ENOTSUP; /* the folder was made again: the UID is another message */
+    else if ((ret = message_stat(account, folder_id, uid, st)) == 0 && st->st_mtim.tv_sec != date)
+        ret = fs_account_redate(account, folder_id, uid, date, &new_uid, &new_uidvalidity);
     else if (ret == 0)
         ret = -EALREADY;
 
@@ -504,6 +542,7 @@ static int redate_new_mail(struct fs_account *account, uint32_t folder_id, uint3
     if (ret == 0) {
         mail->uid = new_uid; /* 0 if the server did not say: the alias then ends */
         mail->date = date;
+        mail->uidvalidity = new_uidvalidity;
     }
     char *name = ret == 0 ? strdup(mail->name) : NULL;
     pthread_mutex_unlock(&newmail_lock);
@@ -615,6 +654,18 @@ void fs_write_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_
 
 /* ---------------------------------------------------------------- names */
 
+/* The alias name of mail stored as uid is gone (0: whatever it meant). */
+static void forget_alias(uint32_t folder_id, const char *name, uint32_t uid)
+{
+    pthread_mutex_lock(&newmail_lock);
+    struct newmail *mail = newmail_by_name(folder_id, name);
+    if (mail && mail->state != NEWMAIL_WRITING && (!uid || mail->uid == uid)) {
+        mail->state = NEWMAIL_FAILED;
+        mail->error = ENOENT;
+    }
+    pthread_mutex_unlock(&newmail_lock);
+}
+
 void fs_write_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     if (refuse_offline(req))
@@ -626,22 +677,45 @@ void fs_write_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
         fuse_reply_err(req, EPERM); /* search results are views, not mail */
         return;
     }
-    /* A name that only is an alias of new mail: forget the alias, keep the mail. */
+    /* The name new mail is being written under: it is never stored.  The
+     * name it was stored under (an alias for a while): the file the writer
+     * made is deleted, so the message goes.  A temporary file removed after
+     * close() (Python's NamedTemporaryFile, an editor's backup) leaves no
+     * mail behind, and mv of it to another folder (copy, then unlink) leaves
+     * no copy behind. */
     pthread_mutex_lock(&newmail_lock);
     struct newmail *mail = newmail_by_name(folder_id, name);
-    if (mail) {
-        if (mail->state == NEWMAIL_WRITING) {
-            mail->state = NEWMAIL_FAILED; /* rm while being written: never stored */
-            mail->error = ENOENT;
-        } else {
-            mail->state = NEWMAIL_FAILED;
-            mail->error = ENOENT;
+    uint32_t stored_uid = 0, stored_uidvalidity = 0;
+    if (mail && mail->state == NEWMAIL_WRITING) {
+        mail->state = NEWMAIL_FAILED;
+        mail->error = ENOENT;
+    } else if (mail) {
+        stored_uid = mail->uid;
+        stored_uidvalidity = mail->uidvalidity;
+    }
+    pthread_mutex_unlock(&newmail_lock);
+    /* The UID must still mean that message: never expunge another one. */
+    if (stored_uid && !same_folder_as_stored(account, folder_id, stored_uidvalidity))
+        stored_uid = 0;
+    if (mail && stored_uid) {
+        int ret = fs_account_delete(account, folder_id, stored_uid);
+        if (ret == 0 || ret == -ENOENT)
+            forget_alias(folder_id, name, stored_uid);
+        if (ret == 0) {
+            char uid_name[32];
+            fs_name_from_uid(stored_uid, uid_name, sizeof(uid_name));
+            fs_notify_entry(fs_account_notifier(account), parent, uid_name);
         }
-        pthread_mutex_unlock(&newmail_lock);
+        fuse_reply_err(req, ret == -ENOENT ? 0 : -ret); /* gone already: so is the name */
+        return;
+    }
+    if (mail) {
+        /* never stored, or stored where the server did not say: only the
+         * name goes */
+        forget_alias(folder_id, name, 0);
         fuse_reply_err(req, 0);
         return;
     }
-    pthread_mutex_unlock(&newmail_lock);
     if (fs_name_to_uid(name, &uid) < 0) {
         fuse_reply_err(req, ENOENT);
         return;

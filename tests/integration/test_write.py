@@ -90,6 +90,11 @@ PREP = {
     "fresh/mv": ([], ""),
     "fresh/touch": ([], ""),
     "fresh/redate": ([], ""),
+    "scratch": (["sc1"], ""),
+    "fresh/tempfile": ([], ""),
+    "written-name/src": ([], ""),
+    "written-name/dst": ([], ""),
+    "fresh/written-name-uv": ([], ""),
     "just-stored/src": (["js1"], ""),
     "just-stored/dst": ([], ""),
     "fresh/alias-listed": ([], ""),
@@ -557,11 +562,6 @@ def test_mail_just_stored_can_be_flagged_moved_and_removed(mount, checker):
     that is all rm and mv can do.)"""
     src, dst = "just-stored/src", "just-stored/dst"
     msrc, mdst = os.path.join(mount.mountpoint, src), os.path.join(mount.mountpoint, dst)
-
-    def live(folder):
-        return {uid: meta for uid, meta in checker.messages(folder).items()
-                if "\\Deleted" not in meta["flags"]}
-
     for i in range(4):
         for how in ("flags", "mv", "rm"):
             data = message(f"just-stored-{how}-{i}")
@@ -576,12 +576,99 @@ def test_mail_just_stored_can_be_flagged_moved_and_removed(mount, checker):
                     f"round {i}: the flag set on {uid}.eml right after it was written is not on the server"
             elif how == "mv":
                 os.rename(path, os.path.join(mdst, f"{uid}.eml"))
-                assert uid not in live(src), f"round {i}: mv left {uid}.eml in {src}"
-                assert data in [checker.body(dst, u) for u in live(dst)], \
+                assert uid not in live(checker, src), f"round {i}: mv left {uid}.eml in {src}"
+                assert data in [checker.body(dst, u) for u in live(checker, dst)], \
                     f"round {i}: mv did not bring {uid}.eml to {dst}"
             else:
                 os.unlink(path)
-                assert uid not in live(src), f"round {i}: rm left {uid}.eml on the server"
+                assert uid not in live(checker, src), f"round {i}: rm left {uid}.eml on the server"
+
+
+def test_viewing_a_message_in_vim_stores_nothing(mount, checker, tmp_path):
+    """vim keeps a swap file beside the file it shows (".1.eml.swp", written
+    at once, closed and removed when vim quits): it would have been stored as
+    new mail.  Editors' scratch names are refused (EPERM), and vim then keeps
+    its swap file in its next directory."""
+    folder = "scratch"
+    mf = os.path.join(mount.mountpoint, folder)
+    before = checker.messages(folder)
+    r = run(["vim.tiny", "-u", "NONE", "-i", "NONE", "-es", "-c", "q", os.path.join(mf, "1.eml")],
+            env=dict(os.environ, HOME=str(tmp_path)))
+    assert r.returncode == 0, f"vim: {r.stdout}"
+    assert checker.messages(folder) == before, "viewing a message in vim stored new mail"
+    for name in (".1.eml.swp", ".1.eml.swo", "#1.eml#", ".1.eml.kate-swp", ".~lock.1.eml#"):
+        assert errno_of(open, os.path.join(mf, name), "wb") == errno.EPERM, name
+    assert checker.messages(folder) == before
+    assert ls(mf) == names(1)
+
+
+def test_a_temporary_file_removed_after_close_leaves_no_mail(mount, server, checker):
+    """Python's NamedTemporaryFile in a folder: written, closed (the APPEND),
+    then removed by the name it was written under.  The file the program made
+    is gone, so is the message."""
+    import tempfile
+    folder = "fresh/tempfile"
+    mf = os.path.join(mount.mountpoint, folder)
+    with tempfile.NamedTemporaryFile(dir=mf, suffix=".eml") as f:
+        f.write(message("tempfile"))
+        f.flush()
+    assert live(checker, folder) == {}, "the removed temporary file is still a message"
+    assert checker.messages(folder) == {} or not server.uidplus
+    assert ls(mf) == []
+
+
+def test_mv_of_new_mail_by_its_written_name_leaves_one_copy(mount, checker):
+    """mv of the name new mail was written under to another folder: the
+    rename of that name across folders is EXDEV, so mv copies and removes
+    it; the message ends up in the target only."""
+    src, dst = "written-name/src", "written-name/dst"
+    msrc, mdst = os.path.join(mount.mountpoint, src), os.path.join(mount.mountpoint, dst)
+    data = message("written-name")
+    with open(os.path.join(msrc, "draft.eml"), "wb") as f:
+        f.write(data)
+    r = run(["mv", os.path.join(msrc, "draft.eml"), mdst + "/"])
+    assert r.returncode == 0, f"mv failed: {r.stdout}"
+    assert live(checker, src) == {}, f"mv left the message in {src}"
+    copies = [uid for uid in live(checker, dst) if checker.body(dst, uid) == data]
+    assert len(copies) == 1, f"{dst} holds the message {len(copies)} times"
+    assert ls(msrc) == [] and ls(mdst) == names(*copies)
+
+
+def test_rm_of_a_written_name_never_expunges_another_message(mount, server):
+    """The name new mail was written under names that message only: when the
+    folder is deleted and made again (a new UIDVALIDITY, UID 1 again, another
+    message) before the rm, the rm removes the name and expunges nothing.
+    (Its own sessions: a session whose selected mailbox is deleted is
+    disconnected by Dovecot.)"""
+    folder = "fresh/written-name-uv"
+    mf = os.path.join(mount.mountpoint, folder)
+    with open(os.path.join(mf, "draft.eml"), "wb") as f:
+        f.write(message("written-name-uv-old"))
+    with server.checker() as c:
+        (uid, _), = c.messages(folder).items()
+        old_uv = c.uidvalidity(folder)
+    while time.time() < old_uv + 1.05:      # Dovecot's UIDVALIDITY is a second
+        time.sleep(0.05)
+    with server.checker() as c:
+        c._ok(*c.imap.delete(imap_quote(folder)), "DELETE")
+    with server.checker() as c:             # a new session: see test_sync
+        c._ok(*c.imap.create(imap_quote(folder)), "CREATE")
+        c._ok(*c.imap.append(imap_quote(folder), None, None, message("written-name-uv-new")),
+              "APPEND")
+    with server.checker() as c:
+        new_uv = c.uidvalidity(folder)
+        assert new_uv != old_uv and set(c.messages(folder)) == {uid}, "rig: UID and UIDVALIDITY"
+    deadline = time.monotonic() + OTHER_CLIENT_DEADLINE
+    while os.getxattr(os.path.join(mf, f"{uid}.eml"), "user.imap.uidvalidity").decode() != str(new_uv):
+        assert time.monotonic() < deadline, "the mount never saw the new UIDVALIDITY"
+        time.sleep(0.2)
+    try:
+        os.unlink(os.path.join(mf, "draft.eml"))
+    except FileNotFoundError:
+        pass                                 # the name went with the old folder: fine too
+    with server.checker() as c:
+        assert set(live(c, folder)) == {uid}, "rm of the old written name expunged the new UID 1"
+        assert c.body(folder, uid) == message("written-name-uv-new")
 
 
 def test_mv_from_local_disk_appends(mount, server, checker, tmp_path):

@@ -4,6 +4,7 @@
 #include "tests/unit/check.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 /* component -> expected name, and back */
@@ -249,6 +250,26 @@ static void test_uid_names(void)
     }
 }
 
+static void test_scratch_names(void)
+{
+    const char *scratch[] = { ".1.eml.swp", ".1.eml.swo", ".1.eml.swa", ".1.eml.svz",
+                              ".1.eml.saa", ".swp", ".draft.eml.swn", ".1.eml.kate-swp",
+                              "#1.eml#", ".~lock.1.eml#" };
+    const char *mail[] = { "1.eml", "new.eml", ".msg.eml.hBoC2z", ".swp.eml", "1.eml.swp",
+                           ".1.eml.sxa", ".1.eml.s1a", ".1.eml.SWP", "..swp", "#", "##x",
+                           "1701234.M12P3.host,S=1234:2,S", ".~lock.1.eml", "", NULL };
+    for (size_t i = 0; i < sizeof(scratch) / sizeof(*scratch); i++) {
+        CHECK(fs_name_is_scratch(scratch[i]));
+        if (!fs_name_is_scratch(scratch[i]))
+            fprintf(stderr, "  not seen as scratch: %s\n", scratch[i]);
+    }
+    for (size_t i = 0; i < sizeof(mail) / sizeof(*mail); i++) {
+        CHECK(!fs_name_is_scratch(mail[i]));
+        if (fs_name_is_scratch(mail[i]))
+            fprintf(stderr, "  seen as scratch: %s\n", mail[i]);
+    }
+}
+
 int main(void)
 {
     RUN(test_from_component);
@@ -257,5 +278,6 @@ int main(void)
     RUN(test_every_byte);
     RUN(test_multibyte_edges);
     RUN(test_uid_names);
+    RUN(test_scratch_names);
     return check_summary();
 }
