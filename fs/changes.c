@@ -517,6 +517,8 @@ int fs_account_redate(struct fs_account *account, uint32_t folder_id, uint32_t u
                      "expunged: %s; the message is there twice", ref.mailbox, uid, *new_uid,
                      strerror(-ret));
         free(ref.mailbox);
+    } else if (ret == -ENOENT) {
+        ret = 0; /* the first copy went meanwhile (another client): one copy is left */
     }
     return ret;
 }

@@ -762,13 +762,18 @@ void fs_write_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_i
         return;
     }
 
-    /* New mail renamed in its folder (rsync's temporary file): move the alias. */
+    /* New mail renamed in its folder (rsync's temporary file): move the alias.
+     * Onto an existing message it would be an overwrite (sed -i, rsync
+     * updating a message): refused like any, and the tool's removal of its
+     * temporary file then removes the new message. */
     pthread_mutex_lock(&newmail_lock);
     struct newmail *mail = newmail_by_name(from_id, name);
     if (mail) {
         int err = 0;
         if (to_id != from_id)
             err = EXDEV; /* mv falls back to copy + unlink */
+        else if (target_exists)
+            err = EACCES; /* messages are immutable */
         else {
             char *renamed = strdup(newname);
             if (renamed) {

@@ -744,10 +744,21 @@ def test_uidvalidity_change_never_shows_old_bytes(mount_on, sync_server, other, 
     other._ok(*other.imap.delete(q(folder)), "DELETE")
     if gap == "seen":
         root = os.path.dirname(dpath.rstrip("/"))
+
+        def deletion_seen():
+            if folder not in (ls(root) or {folder}):
+                return True
+            # Dovecot 2.3 (Maildir) may keep a deleted folder whose directory
+            # it could not remove as a \Noselect entry (seen in CI, with the
+            # mount's connections on it): then the folder rightly stays, as a
+            # directory without messages
+            noselect = any(f[2] == folder and "\\Noselect" in f[0] for f in other.list_folders())
+            shown = ls(dpath)
+            return noselect and shown is not None and not any(n.endswith(".eml") for n in shown)
+
         # the server's own LIST in the message tells a mount that missed
         # the deletion from a server that still lists the folder
-        wait_for("folder deleted (before its UIDVALIDITY change)",
-                 lambda: folder not in (ls(root) or {folder}), since=t0,
+        wait_for("folder deleted (before its UIDVALIDITY change)", deletion_seen, since=t0,
                  describe=lambda: f"{where_is(root)}; the server's LIST has it: "
                                   f"{[f for f in other.list_folders() if f[2] == folder]}")
     # Made again by a session logged in after the DELETE.  Dovecot 2.3

@@ -91,6 +91,7 @@ PREP = {
     "fresh/touch": ([], ""),
     "fresh/redate": ([], ""),
     "scratch": (["sc1"], ""),
+    "sed-i": (["sd1"], ""),
     "fresh/tempfile": ([], ""),
     "written-name/src": ([], ""),
     "written-name/dst": ([], ""),
@@ -600,6 +601,22 @@ def test_viewing_a_message_in_vim_stores_nothing(mount, checker, tmp_path):
         assert errno_of(open, os.path.join(mf, name), "wb") == errno.EPERM, name
     assert checker.messages(folder) == before
     assert ls(mf) == names(1)
+
+
+def test_sed_in_place_on_a_message_is_refused_and_leaves_nothing(mount, checker):
+    """sed -i writes the edited text to a temporary file beside the message,
+    closes it (the APPEND) and renames it over the message: an overwrite,
+    refused with EACCES like any other.  sed then removes its temporary file,
+    and with it the new message: the folder is as it was."""
+    folder = "sed-i"
+    mf = os.path.join(mount.mountpoint, folder)
+    body = checker.body(folder, 1)
+    r = run(["sed", "-i", "s/This is/This was/", os.path.join(mf, "1.eml")])
+    assert r.returncode != 0 and "Permission denied" in r.stdout, f"sed -i: {r.returncode} {r.stdout}"
+    assert set(live(checker, folder)) == {1}, f"{folder} on the server: {checker.messages(folder)}"
+    assert checker.body(folder, 1) == body
+    assert ls(mf) == names(1)
+    assert read_bytes(os.path.join(mf, "1.eml")) == body
 
 
 def test_a_temporary_file_removed_after_close_leaves_no_mail(mount, server, checker):
