@@ -8,8 +8,9 @@
  * a shell's `{ cat a; cat b; } > file`, and is not the end of the file:
  * then the APPEND happens when the creator closes, or at release.)  A file
  * closed without ever being written is not stored (servers refuse empty
- * messages).  Line ends are made CRLF on the way.  The message then lists as
- * NEWUID.eml.  Its original name stays
+ * messages), nor is one that does not begin as mail does (close() gives
+ * EBADMSG).  Line ends are made CRLF on the way.  The message then lists
+ * as NEWUID.eml.  Its original name stays
  * an alias of the new message for a while, so tools that write a temporary
  * file and then rename it (rsync), or set its times after close (cp -p), keep
  * working; aliases never show in listings.  rm of an alias removes the
@@ -253,6 +254,19 @@ static int same_folder_as_stored(struct fs_account *account, uint32_t folder_id,
     return now == stored_uidvalidity;
 }
 
+/* Does data begin as mail does: with a header field ("Name:"), or with an
+ * mbox "From " line?  Anything else (a text note, a file manager's
+ * .directory, a picture) would be stored as a broken message. */
+static int looks_like_mail(const char *data, size_t len)
+{
+    if (len >= 5 && memcmp(data, "From ", 5) == 0)
+        return 1;
+    size_t i = 0;
+    while (i < len && data[i] > ' ' && data[i] < 127 && data[i] != ':')
+        i++;
+    return i > 0 && i < len && data[i] == ':';
+}
+
 /* APPENDs a file being written.  Called at its first flush (close), or at
  * release if no flush came.  Returns 0 or -errno; the state records it. */
 static int newmail_commit(struct fs_account *account, struct newmail *mail)
@@ -275,8 +289,14 @@ static int newmail_commit(struct fs_account *account, struct newmail *mail)
     if (!message)
         return -ENOMEM;
 
-    uint32_t uidvalidity;
-    ret = fs_account_append(account, folder_id, NULL, message, len, date, &uid, &uidvalidity);
+    uint32_t uidvalidity = 0;
+    if (looks_like_mail(message, len)) {
+        ret = fs_account_append(account, folder_id, NULL, message, len, date, &uid, &uidvalidity);
+    } else {
+        log_warn("new file in folder %u not stored: it does not begin with a header field",
+                 folder_id);
+        ret = -EBADMSG;
+    }
     free(message);
 
     pthread_mutex_lock(&newmail_lock);
@@ -307,7 +327,7 @@ static int newmail_commit(struct fs_account *account, struct newmail *mail)
         fs_name_from_uid(uid, uid_name, sizeof(uid_name));
         fs_notify_entry(fs_account_notifier(account), fs_ino_folder(folder_id), uid_name);
     }
-    if (ret < 0)
+    if (ret < 0 && ret != -EBADMSG)
         log_warn("new message in folder %u not stored: %s", folder_id, strerror(-ret));
     return ret;
 }

@@ -92,6 +92,7 @@ PREP = {
     "fresh/redate": ([], ""),
     "scratch": (["sc1"], ""),
     "sed-i": (["sd1"], ""),
+    "fresh/not-mail": ([], ""),
     "fresh/tempfile": ([], ""),
     "written-name/src": ([], ""),
     "written-name/dst": ([], ""),
@@ -617,6 +618,35 @@ def test_sed_in_place_on_a_message_is_refused_and_leaves_nothing(mount, checker)
     assert checker.body(folder, 1) == body
     assert ls(mf) == names(1)
     assert read_bytes(os.path.join(mf, "1.eml")) == body
+
+
+def test_a_file_that_is_not_mail_is_not_stored(mount, checker):
+    """Only what begins as mail does (a header field, or an mbox "From "
+    line) becomes a message: a text note, a file manager's .directory or a
+    picture copied into a folder fails at close() with EBADMSG, and nothing
+    is stored."""
+    folder = "fresh/not-mail"
+    mf = os.path.join(mount.mountpoint, folder)
+    for name, data in (("note.txt", b"hello, this is not a message\n"),
+                       (".directory", b"[Dolphin]\nTimestamp=2026,12,7\nVersion=4\n"),
+                       ("picture.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8),
+                       ("blank-first.eml", b"\nSubject: no header before the blank line\n\nx\n"),
+                       ("colon-later.eml", b"Subject line without a colon first\nA: b\n\nx\n")):
+        f = open(os.path.join(mf, name), "wb")
+        f.write(data)
+        assert errno_of(f.close) == errno.EBADMSG, name
+        assert checker.messages(folder) == {}, f"{name} was stored"
+    assert ls(mf) == []
+    # a shell's redirection: the last close is dup2()'s, whose error the
+    # shell never sees, but nothing is stored either
+    run(f"echo hello > '{mf}/hello.txt'")
+    assert checker.messages(folder) == {}, "echo hello > file was stored"
+    # the forms mail takes are stored
+    mbox = b"From sender@example.org Mon Mar  4 09:15:00 2024\nSubject: mbox\n\nx\n"
+    for name, data in (("mbox.eml", mbox), ("header.eml", message("not-mail-header"))):
+        with open(os.path.join(mf, name), "wb") as f:
+            f.write(data)
+    assert sorted(checker.bodies(folder).values()) == sorted([crlf(mbox), message("not-mail-header")])
 
 
 def test_a_temporary_file_removed_after_close_leaves_no_mail(mount, server, checker):
