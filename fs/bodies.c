@@ -428,7 +428,7 @@ static int plan_batch(struct fs_account *account, uint32_t folder_id, uint32_t f
 static int fetch_batch(struct fs_account *account, struct body_batch *batch, const char *mailbox,
                        const uint32_t *uids, size_t count)
 {
-    int ret = 0, reselected = 0;
+    int ret = 0;
     uint32_t *from_server = NULL;
 
     /* What the disk cache has is read from there (outside every lock); the
@@ -477,18 +477,6 @@ static int fetch_batch(struct fs_account *account, struct body_batch *batch, con
                 ret = imap_fetch_bodies(session, uids, count, store_body, batch);
             }
             fs_session_release(account, session);
-        }
-        if (ret == 0 && batch->wanted_uid && !batch->wanted && !reselected) {
-            /* The message is in our listing but this session had the folder
-             * selected from before it arrived (a move into it, another
-             * client's APPEND): select again and ask once more. */
-            reselected = 1;
-            if (fs_session_acquire(account, mailbox, &session) == 0) {
-                ret = imap_select_fresh(session, mailbox, 1, NULL);
-                if (ret == 0)
-                    ret = imap_fetch_bodies(session, &batch->wanted_uid, 1, store_body, batch);
-                fs_session_release(account, session);
-            }
         }
         if (ret != -EIO || (batch->wanted_uid && batch->wanted))
             break;

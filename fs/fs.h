@@ -281,7 +281,7 @@ int fs_search_readlink(struct fs_account *account, fuse_ino_t ino, char *buf, si
  * written (new mail, inode numbers with the top bit set). */
 int fs_is_newmail_ino(fuse_ino_t ino);
 /* A file being written or a fresh alias of new mail named name: 0 and *st,
- * or -ENOENT. */
+ * -ENOENT, or -errno when the alias's folder cannot be listed. */
 int fs_newmail_lookup(struct fs_account *account, uint32_t folder_id, const char *name,
                       struct stat *st);
 int fs_newmail_getattr(fuse_ino_t ino, struct stat *st);

@@ -195,11 +195,18 @@ static void fs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
         return;
     }
     cache_unlock(cache);
-    /* A file being written, or the name new mail was written under. */
-    if (fs_newmail_lookup(account, folder_id, name, &entry.attr) == 0) {
+    /* A file being written, or the name new mail was written under (whose
+     * folder may need listing: without the server that is an error, not a
+     * name that is not there). */
+    int ret = fs_newmail_lookup(account, folder_id, name, &entry.attr);
+    if (ret == 0) {
         entry.ino = entry.attr.st_ino;
         entry.attr_timeout = entry.entry_timeout = 0;
         fuse_reply_entry(req, &entry);
+        return;
+    }
+    if (ret != -ENOENT) {
+        fuse_reply_err(req, -ret);
         return;
     }
     /* A negative entry, cached like the listing it was judged against; the

@@ -192,8 +192,10 @@ int fs_newmail_lookup(struct fs_account *account, uint32_t folder_id, const char
     if (!alias_uid)
         return -ENOENT;
     int ret = message_stat(account, folder_id, alias_uid, st);
-    if (ret == -ENOENT && fs_account_load_folder(account, folder_id, 0) == 0)
-        ret = message_stat(account, folder_id, alias_uid, st); /* a folder not listed yet */
+    if (ret == -ENOENT) { /* a folder not listed yet */
+        int loaded = fs_account_load_folder(account, folder_id, 0);
+        ret = loaded < 0 ? loaded : message_stat(account, folder_id, alias_uid, st);
+    }
     return ret;
 }
 
@@ -230,6 +232,14 @@ static char *to_crlf(const char *data, size_t len, size_t *out_len)
     return out;
 }
 
+/* The kernel must look uid's name in the folder up again. */
+static void notify_uid_name(struct fs_account *account, uint32_t folder_id, uint32_t uid)
+{
+    char uid_name[32];
+    fs_name_from_uid(uid, uid_name, sizeof(uid_name));
+    fs_notify_entry(fs_account_notifier(account), fs_ino_folder(folder_id), uid_name);
+}
+
 /* The folder's UIDVALIDITY as the cache knows it, 0 if not listed. */
 static uint32_t folder_uidvalidity(struct fs_account *account, uint32_t folder_id)
 {
@@ -242,15 +252,20 @@ static uint32_t folder_uidvalidity(struct fs_account *account, uint32_t folder_i
 }
 
 /* Is the folder (listed now if it never was) still the one new mail was
- * stored in, so that its UID still names that message? */
+ * stored in, so that its UID still names that message?  1 or 0, or -errno
+ * when it cannot be listed (the server gone). */
 static int same_folder_as_stored(struct fs_account *account, uint32_t folder_id,
                                  uint32_t stored_uidvalidity)
 {
     if (!stored_uidvalidity)
         return 0;
     uint32_t now = folder_uidvalidity(account, folder_id);
-    if (!now && fs_account_load_folder(account, folder_id, 0) == 0)
+    if (!now) {
+        int ret = fs_account_load_folder(account, folder_id, 0);
+        if (ret < 0)
+            return ret;
         now = folder_uidvalidity(account, folder_id);
+    }
     return now == stored_uidvalidity;
 }
 
@@ -322,11 +337,8 @@ static int newmail_commit(struct fs_account *account, struct newmail *mail)
         fs_notify_entry(fs_account_notifier(account), fs_ino_folder(folder_id), name);
         free(name);
     }
-    if (uid) {
-        char uid_name[32];
-        fs_name_from_uid(uid, uid_name, sizeof(uid_name));
-        fs_notify_entry(fs_account_notifier(account), fs_ino_folder(folder_id), uid_name);
-    }
+    if (uid)
+        notify_uid_name(account, folder_id, uid);
     if (ret < 0 && ret != -EBADMSG)
         log_warn("new message in folder %u not stored: %s", folder_id, strerror(-ret));
     return ret;
@@ -549,19 +561,21 @@ static int redate_new_mail(struct fs_account *account, uint32_t folder_id, uint3
     pthread_mutex_unlock(&newmail_lock);
 
     uint32_t new_uid = 0, new_uidvalidity = 0;
-    int ret = 0;
-    if (!same_folder_as_stored(account, folder_id, uidvalidity))
+    int ret = same_folder_as_stored(account, folder_id, uidvalidity);
+    if (ret == 0) {
         ret = -ENOTSUP; /* the folder was made again: the UID is another message */
-    else if ((ret = message_stat(account, folder_id, uid, st)) == 0 && st->st_mtim.tv_sec != date)
-        ret = fs_account_redate(account, folder_id, uid, date, &new_uid, &new_uidvalidity);
-    else if (ret == 0)
-        ret = -EALREADY;
+    } else if (ret > 0) {
+        ret = message_stat(account, folder_id, uid, st);
+        if (ret == 0 && st->st_mtim.tv_sec == date)
+            ret = -EALREADY;
+        else if (ret == 0)
+            ret = fs_account_redate(account, folder_id, uid, date, &new_uid, &new_uidvalidity);
+    }
 
     pthread_mutex_lock(&newmail_lock);
     mail->redating = 0;
     if (ret == 0) {
         mail->uid = new_uid; /* 0 if the server did not say: the alias then ends */
-        mail->date = date;
         mail->uidvalidity = new_uidvalidity;
     }
     char *name = ret == 0 ? strdup(mail->name) : NULL;
@@ -574,18 +588,12 @@ static int redate_new_mail(struct fs_account *account, uint32_t folder_id, uint3
     }
 
     /* The alias and both UID names must be looked up again. */
-    fuse_ino_t parent = fs_ino_folder(folder_id);
-    struct fs_notifier *notifier = fs_account_notifier(account);
-    char uid_name[32];
     if (name)
-        fs_notify_entry(notifier, parent, name);
+        fs_notify_entry(fs_account_notifier(account), fs_ino_folder(folder_id), name);
     free(name);
-    fs_name_from_uid(uid, uid_name, sizeof(uid_name));
-    fs_notify_entry(notifier, parent, uid_name);
-    if (new_uid) {
-        fs_name_from_uid(new_uid, uid_name, sizeof(uid_name));
-        fs_notify_entry(notifier, parent, uid_name);
-    }
+    notify_uid_name(account, folder_id, uid);
+    if (new_uid)
+        notify_uid_name(account, folder_id, new_uid);
     if (!new_uid || message_stat(account, folder_id, new_uid, st) < 0)
         st->st_mtim.tv_sec = st->st_atim.tv_sec = st->st_ctim.tv_sec = (time_t)date;
     return 1;
@@ -705,6 +713,7 @@ void fs_write_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
      * no copy behind. */
     pthread_mutex_lock(&newmail_lock);
     struct newmail *mail = newmail_by_name(folder_id, name);
+    int is_new_mail = mail != NULL;
     uint32_t stored_uid = 0, stored_uidvalidity = 0;
     if (mail && mail->state == NEWMAIL_WRITING) {
         mail->state = NEWMAIL_FAILED;
@@ -714,26 +723,21 @@ void fs_write_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
         stored_uidvalidity = mail->uidvalidity;
     }
     pthread_mutex_unlock(&newmail_lock);
-    /* The UID must still mean that message: never expunge another one. */
-    if (stored_uid && !same_folder_as_stored(account, folder_id, stored_uidvalidity))
-        stored_uid = 0;
-    if (mail && stored_uid) {
-        int ret = fs_account_delete(account, folder_id, stored_uid);
-        if (ret == 0 || ret == -ENOENT)
+    if (is_new_mail) {
+        /* The UID must still mean that message: never expunge another one.
+         * Else (or stored where the server did not say) only the name goes. */
+        int ret = stored_uid ? same_folder_as_stored(account, folder_id, stored_uidvalidity) : 0;
+        if (ret > 0)
+            ret = fs_account_delete(account, folder_id, stored_uid);
+        else if (ret == 0)
+            stored_uid = 0;
+        if (ret == 0 && stored_uid)
+            notify_uid_name(account, folder_id, stored_uid);
+        if (ret == -ENOENT)
+            ret = 0; /* gone already: so is the name */
+        if (ret == 0)
             forget_alias(folder_id, name, stored_uid);
-        if (ret == 0) {
-            char uid_name[32];
-            fs_name_from_uid(stored_uid, uid_name, sizeof(uid_name));
-            fs_notify_entry(fs_account_notifier(account), parent, uid_name);
-        }
-        fuse_reply_err(req, ret == -ENOENT ? 0 : -ret); /* gone already: so is the name */
-        return;
-    }
-    if (mail) {
-        /* never stored, or stored where the server did not say: only the
-         * name goes */
-        forget_alias(folder_id, name, 0);
-        fuse_reply_err(req, 0);
+        fuse_reply_err(req, -ret);
         return;
     }
     if (fs_name_to_uid(name, &uid) < 0) {
@@ -833,11 +837,8 @@ void fs_write_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_i
         /* The kernel now thinks newname is the moved file.  The message there,
          * if any, was never touched: make the kernel look again. */
         fs_notify_entry(fs_account_notifier(account), newparent, newname);
-        if (new_uid) {
-            char uid_name[32];
-            fs_name_from_uid(new_uid, uid_name, sizeof(uid_name));
-            fs_notify_entry(fs_account_notifier(account), newparent, uid_name);
-        }
+        if (new_uid)
+            notify_uid_name(account, to_id, new_uid);
     }
     fuse_reply_err(req, -ret);
 }

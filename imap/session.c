@@ -1264,6 +1264,11 @@ int imap_fetch_bodies(struct imap_session *session, const uint32_t *uids, size_t
     for (size_t i = 0; i < count; i++)
         if (unique == 0 || sorted[unique - 1] != sorted[i])
             sorted[unique++] = sorted[i];
+    if ((ret = bring_into_view(session, sorted[unique - 1])) < 0) {
+        free(sorted);
+        free(set);
+        return ret;
+    }
     bodies.uids = sorted;
     bodies.count = unique;
     ret = imap_format_uid_set(set, setlen, sorted, unique);

@@ -124,6 +124,9 @@ PREP = {
     "Trash": ([], ""),
     "fault-append": ([], ""),
     "fault-redate": ([], ""),
+    "fault-rm-written": ([], ""),
+    "fault-rm-written/listed": ([], ""),
+    "fault-rm-written/unlisted": ([], ""),
     "fault-move-request/src": (["fmq1", "fmq2", "fmq3"], "\\Seen"),
     "fault-move-request/dst": ([], ""),
     "fault-move-answer/src": (["fma1", "fma2", "fma3"], "\\Seen"),
@@ -1353,6 +1356,41 @@ def test_connection_cut_while_new_mail_is_dated_again(faulty, proxy, server, che
             f"utime failed ({error}), but the message changed"
     assert m.proc.poll() is None, "imapfs died"
     assert eventually_ls(mf) == names(uid)
+    m.unmount()
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["listed", "unlisted"])
+def test_rm_of_a_written_name_while_the_server_is_gone(listed, faulty, proxy, server, checker):
+    """rm of the name new mail was written under needs the server: with
+    every connection cut and new ones refused, rm fails (no hang) and the
+    message stays; once the server is back the same rm removes it.
+    'listed': the name resolves from the listing, and the expunge fails;
+    'unlisted': resolving it needs the folder's listing, which fails (not a
+    name that is not there)."""
+    m = faulty
+    folder = f"fault-rm-written/{'listed' if listed else 'unlisted'}"
+    mf = os.path.join(m.mountpoint, folder)
+    data = message(f"fault-rm-written-{listed}")
+    with open(os.path.join(mf, "draft.eml"), "wb") as f:
+        f.write(data)
+    (uid, _), = checker.messages(folder).items()
+    if listed:
+        assert ls(mf) == names(uid)
+    proxy.refuse("reset")
+    proxy.cut_all()
+    t = time.monotonic()
+    err = errno_of(os.unlink, os.path.join(mf, "draft.eml"))
+    elapsed = time.monotonic() - t
+    proxy.accept()
+    assert elapsed < FAULT_LIMIT
+    assert err not in (0, errno.ENOENT), f"rm with the server gone: {ename(err)}"
+    assert uid in live(checker, folder), "the failed rm removed the message"
+    deadline = time.monotonic() + RECOVERY
+    while (err := errno_of(os.unlink, os.path.join(mf, "draft.eml"))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert err == 0, f"rm once the server is back: {ename(err)}"
+    assert uid not in live(checker, folder), "rm once the server is back left the message"
+    assert m.proc.poll() is None, "imapfs died"
     m.unmount()
 
 
