@@ -194,3 +194,18 @@ int fs_name_is_scratch(const char *name)
     return len >= 4 && ext[0] == '.' && ext[1] == 's' && ext[2] >= 'a' && ext[2] <= 'w' &&
            ext[3] >= 'a' && ext[3] <= 'z' && (ext == name || ext[-1] != '.');
 }
+
+int fs_name_is_desktop_trash(const char *name)
+{
+    if (!name || strncmp(name, ".Trash", 6) != 0)
+        return 0;
+    const char *s = name + 6;
+    if (*s == '\0')
+        return 1;
+    if (*s++ != '-' || *s == '\0')
+        return 0;
+    for (; *s; s++)
+        if (*s < '0' || *s > '9')
+            return 0;
+    return 1;
+}

@@ -33,4 +33,10 @@ void fs_name_from_uid(unsigned int uid, char *buf, size_t buflen);
  * message in vim would otherwise store its swap file as a new message. */
 int fs_name_is_scratch(const char *name);
 
+/* Nonzero for the trash directories of the freedesktop.org trash spec at
+ * the top of a mount (".Trash", ".Trash-UID"), where a file manager's "Move
+ * to Trash" (GIO, KIO) makes its own folders: on the server they would be
+ * mail folders holding the trashed messages and stray ".trashinfo" files. */
+int fs_name_is_desktop_trash(const char *name);
+
 #endif

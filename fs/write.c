@@ -856,6 +856,13 @@ void fs_write_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t 
         fuse_reply_err(req, EPERM);
         return;
     }
+    /* A file manager asked to trash a message: refused, it says it cannot
+     * trash here and offers to delete (see fs_name_is_desktop_trash). */
+    if (parent == FUSE_ROOT_ID && fs_name_is_desktop_trash(name)) {
+        log_info("mkdir %s refused: a desktop trash is not kept on the server", name);
+        fuse_reply_err(req, EPERM);
+        return;
+    }
     int ret = fs_account_create_folder(account, folder_of(parent), name);
     if (ret < 0) {
         fuse_reply_err(req, -ret);

@@ -92,6 +92,7 @@ PREP = {
     "fresh/redate": ([], ""),
     "scratch": (["sc1"], ""),
     "sed-i": (["sd1"], ""),
+    "trash": (["tr1"], ""),
     "fresh/not-mail": ([], ""),
     "fresh/tempfile": ([], ""),
     "written-name/src": ([], ""),
@@ -719,6 +720,27 @@ def test_rm_of_a_written_name_never_expunges_another_message(mount, server):
     with server.checker() as c:
         assert set(live(c, folder)) == {uid}, "rm of the old written name expunged the new UID 1"
         assert c.body(folder, uid) == message("written-name-uv-new")
+
+
+def test_move_to_trash_in_a_file_manager_is_refused_and_changes_nothing(mount, checker):
+    """A file manager's "Move to Trash" (GIO's, as Nautilus and Thunar do it;
+    KDE's follows the same freedesktop.org spec) makes .Trash-UID/files and
+    .Trash-UID/info at the top of the mount: on the server those would be
+    three mail folders, the message moved into one of them.  The mount
+    refuses that trash, so the file manager says it cannot trash here (and
+    offers to delete); the message and the server's folders stay as they
+    were."""
+    mf = os.path.join(mount.mountpoint, "trash")
+    before = folder_names(checker)
+    (uid, meta), = checker.messages("trash").items()
+    r = run(["gio", "trash", os.path.join(mf, f"{uid}.eml")])
+    assert r.returncode != 0, f"gio trash said it trashed the message: {r.stdout}"
+    assert "trash directory" in r.stdout, r.stdout
+    assert folder_names(checker) == before, f"new folders: {sorted(folder_names(checker) - before)}"
+    assert live(checker, "trash") == {uid: meta}
+    assert checker.body("trash", uid) == message("tr1")
+    assert ls(mf) == names(uid)
+    assert not [n for n in ls(mount.mountpoint) if n.startswith(".Trash")]
 
 
 def test_mv_from_local_disk_appends(mount, server, checker, tmp_path):

@@ -270,6 +270,20 @@ static void test_scratch_names(void)
     }
 }
 
+static void test_desktop_trash_names(void)
+{
+    const char *trash[] = { ".Trash", ".Trash-0", ".Trash-1000" };
+    const char *folders[] = { "Trash", ".Trash-", ".Trash-1000x", ".Trash-a", ".Trashy",
+                              ".trash-0", "Trash-0", ".Trash-0/files", "", NULL };
+    for (size_t i = 0; i < sizeof(trash) / sizeof(*trash); i++)
+        CHECK(fs_name_is_desktop_trash(trash[i]));
+    for (size_t i = 0; i < sizeof(folders) / sizeof(*folders); i++) {
+        CHECK(!fs_name_is_desktop_trash(folders[i]));
+        if (fs_name_is_desktop_trash(folders[i]))
+            fprintf(stderr, "  seen as a desktop trash: %s\n", folders[i]);
+    }
+}
+
 int main(void)
 {
     RUN(test_from_component);
@@ -279,5 +293,6 @@ int main(void)
     RUN(test_multibyte_edges);
     RUN(test_uid_names);
     RUN(test_scratch_names);
+    RUN(test_desktop_trash_names);
     return check_summary();
 }
