@@ -575,7 +575,7 @@ def _stop_master_by_pidfile(pidfile, config_path, timeout=20):
 # device nodes Cyrus and OpenSSL use; bound into the namespace's private /dev
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
-NAMESPACE_SCRIPT = r"""
+NAMESPACE_SCRIPT = imapserver.DETACH_COPIED_FUSE_MOUNTS + r"""
 set -e
 dev=$1; shift
 for n in {nodes}; do

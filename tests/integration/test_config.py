@@ -289,6 +289,7 @@ class Namespace:
     def __init__(self, bindir):
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+             imapserver.DETACH_COPIED_FUSE_MOUNTS +
              'mount --bind "$1" /usr/local/sbin && echo ready && exec sleep 3600', "sh", bindir],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             preexec_fn=imapserver.die_with_parent)
