@@ -116,7 +116,12 @@ class _Pair:
                     if r:
                         self.wake_r.recv(64)
                     continue
-                r, _, _ = select.select([self.client, self.server, self.wake_r], [], [], 0.2)
+                try:
+                    r, _, _ = select.select([self.client, self.server, self.wake_r], [], [], 0.2)
+                except (OSError, ValueError):
+                    if self.closed:     # closed by cut_all from another thread
+                        break
+                    raise
                 for s in r:
                     if s is self.wake_r:
                         self.wake_r.recv(64)
