@@ -128,6 +128,16 @@ done
 """
 
 
+def wait_until_uidvalidity_can_change(uidvalidity):
+    """Before a folder is deleted and made again to give it a new
+    UIDVALIDITY.  Dovecot's is the second the folder was made, or one more
+    than the last it gave when that is later (folders made quickly run it
+    ahead of the clock, by half a minute in test_write.py): only a folder made
+    again within its own second could get the same one, so only then wait."""
+    while uidvalidity - 2 < time.time() < uidvalidity + 1.05:
+        time.sleep(0.05)
+
+
 def die_with_parent():
     """preexec_fn: have the kernel send SIGTERM to the child when the process
     that started it dies (even by SIGKILL), so a killed test run leaves no
