@@ -25,6 +25,7 @@ import subprocess
 import sys
 import shutil
 import tempfile
+import threading
 import time
 
 import pytest
@@ -230,8 +231,16 @@ def pytest_configure(config):
         cache_home = tempfile.mkdtemp(prefix="imapfs-test-cache.")
         os.environ["XDG_CACHE_HOME"] = cache_home
         atexit.register(shutil.rmtree, cache_home, True)
-    # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so fixtures clean up
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so fixtures clean up.
+    # Only the main thread may set a handler, and Debian 12's execnet (1.9)
+    # sometimes runs an xdist worker in another thread: its first remote_exec
+    # keeps the main thread marked busy for a moment after replying, so the
+    # worker's own remote_exec can land on a new thread (CI saw it, and the
+    # whole run stopped).  Such a worker keeps the default: SIGTERM
+    # ends it at once, its servers follow (PR_SET_PDEATHSIG) and the atexit
+    # unmount does not run.  The controller is on its main thread and unwinds.
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
         def _terminate(signum, frame):
             raise KeyboardInterrupt(f"signal {signum}")
         signal.signal(signal.SIGTERM, _terminate)
