@@ -739,6 +739,9 @@ def test_move_to_trash_in_a_file_manager_is_refused_and_changes_nothing(mount, c
     assert live(checker, "trash") == {uid: meta}
     assert checker.body("trash", uid) == message("tr1")
     assert ls(mf) == names(uid)
+    with pytest.raises(PermissionError):    # the spec's shared trash, which gio never makes
+        os.mkdir(os.path.join(mount.mountpoint, ".Trash"))
+    assert folder_names(checker) == before
     assert not [n for n in ls(mount.mountpoint) if n.startswith(".Trash")]
 
 

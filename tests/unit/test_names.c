@@ -250,6 +250,19 @@ static void test_uid_names(void)
     }
 }
 
+/* Each of names[] is (expected 1) or is not (0) of the class is() tells. */
+static void check_class(int (*is)(const char *), const char *class, const char *const *names,
+                        size_t count, int expected)
+{
+    for (size_t i = 0; i < count; i++) {
+        int got = is(names[i]) != 0;
+        CHECK(got == expected);
+        if (got != expected)
+            fprintf(stderr, "  %s seen as %s%s\n", names[i] ? names[i] : "(null)",
+                    expected ? "not " : "", class);
+    }
+}
+
 static void test_scratch_names(void)
 {
     const char *scratch[] = { ".1.eml.swp", ".1.eml.swo", ".1.eml.swa", ".1.eml.svz",
@@ -258,16 +271,8 @@ static void test_scratch_names(void)
     const char *mail[] = { "1.eml", "new.eml", ".msg.eml.hBoC2z", ".swp.eml", "1.eml.swp",
                            ".1.eml.sxa", ".1.eml.s1a", ".1.eml.SWP", "..swp", "#", "##x",
                            "1701234.M12P3.host,S=1234:2,S", ".~lock.1.eml", "", NULL };
-    for (size_t i = 0; i < sizeof(scratch) / sizeof(*scratch); i++) {
-        CHECK(fs_name_is_scratch(scratch[i]));
-        if (!fs_name_is_scratch(scratch[i]))
-            fprintf(stderr, "  not seen as scratch: %s\n", scratch[i]);
-    }
-    for (size_t i = 0; i < sizeof(mail) / sizeof(*mail); i++) {
-        CHECK(!fs_name_is_scratch(mail[i]));
-        if (fs_name_is_scratch(mail[i]))
-            fprintf(stderr, "  seen as scratch: %s\n", mail[i]);
-    }
+    check_class(fs_name_is_scratch, "scratch", scratch, sizeof(scratch) / sizeof(*scratch), 1);
+    check_class(fs_name_is_scratch, "scratch", mail, sizeof(mail) / sizeof(*mail), 0);
 }
 
 static void test_desktop_trash_names(void)
@@ -275,13 +280,10 @@ static void test_desktop_trash_names(void)
     const char *trash[] = { ".Trash", ".Trash-0", ".Trash-1000" };
     const char *folders[] = { "Trash", ".Trash-", ".Trash-1000x", ".Trash-a", ".Trashy",
                               ".trash-0", "Trash-0", ".Trash-0/files", "", NULL };
-    for (size_t i = 0; i < sizeof(trash) / sizeof(*trash); i++)
-        CHECK(fs_name_is_desktop_trash(trash[i]));
-    for (size_t i = 0; i < sizeof(folders) / sizeof(*folders); i++) {
-        CHECK(!fs_name_is_desktop_trash(folders[i]));
-        if (fs_name_is_desktop_trash(folders[i]))
-            fprintf(stderr, "  seen as a desktop trash: %s\n", folders[i]);
-    }
+    check_class(fs_name_is_desktop_trash, "a desktop trash", trash,
+                sizeof(trash) / sizeof(*trash), 1);
+    check_class(fs_name_is_desktop_trash, "a desktop trash", folders,
+                sizeof(folders) / sizeof(*folders), 0);
 }
 
 int main(void)
