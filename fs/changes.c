@@ -148,12 +148,29 @@ static int expunge_uid(struct fs_account *account, const char *mailbox, uint32_t
     return ret;
 }
 
+static int unflag_deleted(struct fs_account *account, const char *mailbox, uint32_t uid)
+{
+    struct imap_session *session;
+    int ret = writable_session(account, mailbox, &session);
+
+    if (ret < 0)
+        return ret;
+    ret = imap_uid_store(session, uid, "-FLAGS", "\\Deleted");
+    fs_session_release(account, session);
+    return ret;
+}
+
+/* fn once more, on a fresh connection, when the first one broke. */
+static int retrying(int (*fn)(struct fs_account *, const char *, uint32_t),
+                    struct fs_account *account, const char *mailbox, uint32_t uid)
+{
+    int ret = fn(account, mailbox, uid);
+    return ret == -EIO ? fn(account, mailbox, uid) : ret;
+}
+
 static int expunge_uid_retrying(struct fs_account *account, const char *mailbox, uint32_t uid)
 {
-    int ret = expunge_uid(account, mailbox, uid);
-    if (ret == -EIO)
-        ret = expunge_uid(account, mailbox, uid); /* a fresh connection */
-    return ret;
+    return retrying(expunge_uid, account, mailbox, uid);
 }
 
 /* Finds a message equal to data that appeared in mailbox at or after
@@ -212,6 +229,60 @@ static int find_appended(struct fs_account *account, const char *mailbox, uint32
     return ret;
 }
 
+struct flag_probe {
+    int found, deleted;
+};
+
+static int probe_flags(void *context, uint32_t uid, const struct imap_value *flags)
+{
+    struct flag_probe *probe = context;
+    (void)uid;
+    probe->found = 1;
+    for (size_t i = 0; i < flags->count; i++)
+        if (imap_value_is_atom(&flags->items[i], "\\Deleted"))
+            probe->deleted = 1;
+    return 0;
+}
+
+struct flag_check {
+    uint32_t uid;
+    struct flag_probe probe;
+};
+
+static int check_flags(struct imap_session *session, void *context)
+{
+    struct flag_check *check = context;
+    check->probe.found = check->probe.deleted = 0; /* from an attempt that broke */
+    return imap_fetch_flags(session, check->uid, check->uid, 0, probe_flags, &check->probe);
+}
+
+/* A second copy of a message was made (a move by COPY, a redate) and the
+ * original could not be removed.  The original first loses the \Deleted
+ * its removal may have set (another client's EXPUNGE would take it, and
+ * the copy going too would leave the message nowhere); then, once it is
+ * seen there without it, the copy goes.  1: the original went after all
+ * (the answer of its removal was lost), so the copy is the message now;
+ * 0: the original is as it was and the copy is gone; <0: both stay
+ * (logged). */
+static int keep_original(struct fs_account *account, const char *mailbox, uint32_t uid,
+                         int was_deleted, const char *copy_mailbox, uint32_t copy_uid)
+{
+    if (!was_deleted)
+        retrying(unflag_deleted, account, mailbox, uid); /* its outcome is looked at next */
+    struct flag_check check = { .uid = uid };
+    int ret = on_selected_session(account, mailbox, 1, check_flags, &check, NULL);
+    if (ret == 0 && !check.probe.found)
+        return 1;
+    if (ret == 0 && check.probe.deleted && !was_deleted)
+        ret = -EIO; /* still flagged: the copy must stay */
+    if (ret == 0)
+        ret = copy_uid ? expunge_uid_retrying(account, copy_mailbox, copy_uid) : -ENOENT;
+    if (ret < 0)
+        log_error("UID %u of %s stays, and so does its copy in %s (UID %u; 0: unknown): "
+                  "the message is there twice", uid, mailbox, copy_mailbox, copy_uid);
+    return ret;
+}
+
 /* MOVE by hand: COPY, then expunge the source only once the copy is known
  * to exist.  If the source cannot be removed, the copy is removed again, so
  * the message is never left in both folders. */
@@ -227,29 +298,13 @@ static int move_by_copy(struct fs_account *account, struct imap_session *session
         ret = imap_uid_expunge(session, uid);
     if (ret == -EIO)
         ret = expunge_uid_retrying(account, from, uid);
-    if (ret < 0 && result->uid) {
+    if (ret < 0) {
         log_error("move of UID %u from %s: copied to %s but the original could not be "
                   "removed (%s); removing the copy", uid, from, to, strerror(-ret));
-        if (expunge_uid_retrying(account, to, result->uid) < 0)
-            log_error("could not remove the copy UID %u in %s either: the message is in both "
-                      "folders", result->uid, to);
+        if (keep_original(account, from, uid, 0, to, result->uid) == 1)
+            ret = 0;
     }
     return ret;
-}
-
-struct flag_probe {
-    int found, deleted;
-};
-
-static int probe_flags(void *context, uint32_t uid, const struct imap_value *flags)
-{
-    struct flag_probe *probe = context;
-    (void)uid;
-    probe->found = 1;
-    for (size_t i = 0; i < flags->count; i++)
-        if (imap_value_is_atom(&flags->items[i], "\\Deleted"))
-            probe->deleted = 1;
-    return 0;
 }
 
 /* Before a move by COPY: the source must still be there and not flagged
@@ -326,9 +381,9 @@ int fs_account_move(struct fs_account *account, uint32_t from_id, uint32_t uid, 
                 log_info("move of UID %u from %s: connection lost after the copy; finished",
                          uid, ref.mailbox);
                 result.uid = found;
-            } else if (expunge_uid_retrying(account, to_mailbox, found) < 0) {
-                log_error("move of UID %u from %s: the message is in both folders", uid,
-                          ref.mailbox);
+            } else if (keep_original(account, ref.mailbox, uid, 0, to_mailbox, found) == 1) {
+                result.uid = found;
+                ret = 0;
             }
         }
     }
@@ -488,6 +543,7 @@ int fs_account_redate(struct fs_account *account, uint32_t folder_id, uint32_t u
     struct cache_message *message = folder ? cache_folder_find(folder, uid) : NULL;
     char *flags = message ? cache_flags_format(message->flags & ~CACHE_FLAG_DELETED,
                                                message->keywords) : NULL;
+    int was_deleted = message && (message->flags & CACHE_FLAG_DELETED);
     cache_unlock(account->cache);
     if (!message)
         return -ENOENT;
@@ -510,12 +566,21 @@ int fs_account_redate(struct fs_account *account, uint32_t folder_id, uint32_t u
     ret = message_ref_get(account, folder_id, uid, &ref);
     if (ret == 0) {
         ret = expunge_uid_retrying(account, ref.mailbox, uid);
+        if (ret < 0) {
+            log_warn("%s: UID %u dated again as UID %u, but the first copy could not be "
+                     "expunged (%s); removing the new one", ref.mailbox, uid, *new_uid,
+                     strerror(-ret));
+            int kept = keep_original(account, ref.mailbox, uid, was_deleted, ref.mailbox,
+                                     *new_uid);
+            if (kept == 1) {
+                ret = 0;
+            } else if (kept == 0) {
+                forget_message(account, folder_id, *new_uid);
+                *new_uid = 0;
+            }
+        }
         if (ret == 0)
             forget_message(account, folder_id, uid);
-        else
-            log_warn("%s: UID %u dated again as UID %u, but the first copy could not be "
-                     "expunged: %s; the message is there twice", ref.mailbox, uid, *new_uid,
-                     strerror(-ret));
         free(ref.mailbox);
     } else if (ret == -ENOENT) {
         ret = 0; /* the first copy went meanwhile (another client): one copy is left */

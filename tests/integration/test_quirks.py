@@ -11,6 +11,10 @@
   same bytes.  ``grep -rl`` therefore finds it three times: that is expected,
   IMAP gives no way to tell that three UIDs are one message.
 
+* A server that refuses to expunge one message: a move by COPY and the
+  redate of new mail (a time set on it) undo their second copy, so the
+  message stays in one place, unflagged.
+
 * A Courier-style namespace (``.``, ``INBOX.``) with a ``/`` inside a
   mailbox name: shown as ``%2F`` (Dovecot here refuses such a name, so
   test_shapes.py cannot make one).
@@ -31,7 +35,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fakeimap import CRLF, Mailbox, Message, simple_message  # noqa: E402
+from fakeimap import CLOSE, CRLF, Mailbox, Message, simple_message  # noqa: E402
 from test_hostile import assert_quick, probe, rig, run  # noqa: E402,F401 (rig: the fixture)
 
 
@@ -275,4 +279,193 @@ def test_courier_namespace_prefix_and_slash_in_name(rig):
     assert run(["cat", m.path("INBOX", "1.eml")]).out == a
     assert os.listdir(m.path("a%2Fb", "c")) == []
     assert set(srv.selected_names()) >= {b"INBOX.Sent", b"INBOX.a/b"}
+    m.finish()
+
+
+# --------------------------------------------------------------------------
+# A server that will not expunge one message (it says NO, as a server does
+# for a message it holds locked, or when it is failing): a real server
+# cannot be made to refuse just one, the fake can.  A move by COPY and the
+# redate of new mail each make a second copy before the first goes; when the
+# first cannot go, the second is removed again and the first loses the
+# \Deleted its removal set, so the message is in one place, as it was.
+
+def install_store_copy_expunge(srv, refuse, refuse_unflag=()):
+    """UID STORE, UID COPY (COPYUID) and UID EXPUNGE for the fake, except
+    that UID EXPUNGE of a (mailbox, UID) in refuse gets NO, and so does a
+    STORE -FLAGS of one in refuse_unflag.  Records [(mailbox, uid, answer)]
+    of every UID EXPUNGE."""
+    expunges = []
+
+    def message_of(conn, cmd):
+        box = conn.selected
+        return box, (box.find(int(cmd.tokens[0]))[1] if box and cmd.tokens else None)
+
+    def store(conn, cmd):
+        box, msg = message_of(conn, cmd)
+        if msg is not None:
+            how, flags = cmd.tokens[1].upper(), [f.decode() for f in cmd.tokens[2]]
+            if how.startswith(b"-") and (box.name, msg.uid) in refuse_unflag:
+                return [cmd.no("Cannot change that message now")]
+            if how.startswith(b"+"):
+                msg.flags += [f for f in flags if f not in msg.flags]
+            elif how.startswith(b"-"):
+                msg.flags = [f for f in msg.flags if f not in flags]
+            else:
+                msg.flags = flags
+        return [cmd.ok("STORE completed")]
+
+    def copy(conn, cmd):
+        box, msg = message_of(conn, cmd)
+        to = srv.mailbox(cmd.tokens[1])
+        if msg is None or to is None:
+            return [cmd.no("no such message or mailbox")]
+        uid = to.uidnext
+        to.messages.append(Message(uid, msg.body, flags=[f for f in msg.flags if f != "\\Deleted"]))
+        return [cmd.ok("COPY completed", code=f"COPYUID {to.uidvalidity} {msg.uid} {uid}")]
+
+    def expunge(conn, cmd):
+        box, msg = message_of(conn, cmd)
+        uid = int(cmd.tokens[0])
+        if (box.name, uid) in refuse:
+            expunges.append((box.name, uid, "NO"))
+            return [cmd.no("Cannot expunge that message now")]
+        expunges.append((box.name, uid, "OK"))
+        out = []
+        if msg is not None and "\\Deleted" in msg.flags:
+            out.append(b"* %d EXPUNGE" % box.find(uid)[0] + CRLF)
+            box.messages.remove(msg)
+        return out + [cmd.ok("EXPUNGE completed")]
+
+    srv.on("UID STORE", store)
+    srv.on("UID COPY", copy)
+    srv.on("UID EXPUNGE", expunge)
+    return expunges
+
+
+def test_redate_whose_first_copy_cannot_be_expunged_leaves_one_copy(rig, tmp_path):
+    """rsync's order: cp, then a time set on the name written under.  The
+    second APPEND (the new date) succeeds, the expunge of the first copy is
+    refused: the time fails with an error, and the server holds the first
+    copy alone, unflagged, as before the time was set."""
+    srv = rig.server(mailboxes=[Mailbox("INBOX", messages=[simple_message(1)])],
+                     capabilities=("IMAP4rev1", "UIDPLUS"))
+    appends = install_append(srv)
+    expunges = install_store_copy_expunge(srv, refuse={(b"INBOX", 2)})
+    m = rig.mounted(srv)
+    data = sized_message(2, 600, word="redate refused")
+    src = tmp_path / "msg.eml"
+    src.write_bytes(data)
+    res = run(["cp", str(src), m.path("INBOX", "msg.eml")])
+    assert_quick(res, what="cp")
+    assert res.rc == 0, res
+    assert [(n, u) for n, u, _ in appends] == [(b"INBOX", 2)], appends
+
+    t = time.monotonic()
+    try:
+        os.utime(m.path("INBOX", "msg.eml"), (1709629200, 1709629200))
+        error = None
+    except OSError as e:
+        error = e
+    assert time.monotonic() - t < 20, "the time took too long to fail"
+    assert error is not None, "the time was set, but the first copy is still on the server"
+    assert [(n, u) for n, u, _ in appends] == [(b"INBOX", 2), (b"INBOX", 3)], \
+        f"no second APPEND was made: {appends}"
+    assert (b"INBOX", 2, "NO") in expunges and (b"INBOX", 3, "OK") in expunges, expunges
+    box = srv.mailbox(b"INBOX")
+    assert [(msg.uid, msg.body, msg.flags) for msg in box.messages] == \
+        [(1, simple_message(1).body, []), (2, data, [])], \
+        "the server does not hold the message once, unflagged, as before"
+    assert sorted(os.listdir(m.path("INBOX"))) == ["1.eml", "2.eml"]
+    assert run(["cat", m.path("INBOX", "2.eml")]).out == data
+    log = m.log()
+    assert "removing the new one" in log and "there twice" not in log, log[-3000:]
+    m.check_alive("after the refused expunge")
+    m.finish()
+
+
+def test_move_by_copy_whose_original_cannot_be_expunged_changes_nothing(rig):
+    """A server without MOVE: mv is COPY, then the original's expunge,
+    which is refused.  mv fails; the copy is removed and the original stays
+    where it was, without the \\Deleted its removal set (which another
+    client's EXPUNGE would act on, leaving the message nowhere)."""
+    data = sized_message(5, 700, word="move refused")
+    srv = rig.server(mailboxes=[Mailbox("INBOX", messages=[Message(5, data)]),
+                                Mailbox("Work", messages=[], uidvalidity=7)],
+                     capabilities=("IMAP4rev1", "UIDPLUS"))
+    expunges = install_store_copy_expunge(srv, refuse={(b"INBOX", 5)})
+    m = rig.mounted(srv)
+    assert os.listdir(m.path("Work")) == []
+    res = run(["mv", m.path("INBOX", "5.eml"), m.path("Work", "5.eml")])
+    assert_quick(res, what="mv")
+    assert res.rc != 0, f"mv succeeded, but the original could not be removed: {res!r}"
+    assert (b"INBOX", 5, "NO") in expunges and (b"Work", 1, "OK") in expunges, expunges
+    assert [(msg.uid, msg.flags) for msg in srv.mailbox(b"INBOX").messages] == [(5, [])]
+    assert srv.mailbox(b"Work").messages == [], "the copy was left in Work"
+    assert os.listdir(m.path("INBOX")) == ["5.eml"]
+    assert os.listdir(m.path("Work")) == []
+    assert run(["cat", m.path("INBOX", "5.eml")]).out == data
+    m.check_alive("after the refused expunge")
+    m.finish()
+
+
+def test_move_by_copy_keeps_the_copy_while_the_original_stays_flagged(rig):
+    """As above, but the original's \\Deleted cannot be taken back either:
+    the copy must then stay (the original may be expunged by any client),
+    so the message is there twice, and the log says so."""
+    data = sized_message(5, 700, word="move flagged")
+    srv = rig.server(mailboxes=[Mailbox("INBOX", messages=[Message(5, data)]),
+                                Mailbox("Work", messages=[], uidvalidity=7)],
+                     capabilities=("IMAP4rev1", "UIDPLUS"))
+    expunges = install_store_copy_expunge(srv, refuse={(b"INBOX", 5)},
+                                          refuse_unflag={(b"INBOX", 5)})
+    m = rig.mounted(srv)
+    res = run(["mv", m.path("INBOX", "5.eml"), m.path("Work", "5.eml")])
+    assert_quick(res, what="mv")
+    assert res.rc != 0, f"mv succeeded, but the original could not be removed: {res!r}"
+    assert (b"INBOX", 5, "NO") in expunges and all(b != b"Work" for b, _, _ in expunges), \
+        f"the copy was expunged while the original is flagged \\Deleted: {expunges}"
+    assert [(msg.uid, msg.flags) for msg in srv.mailbox(b"INBOX").messages] == \
+        [(5, ["\\Deleted"])]
+    assert [(msg.uid, msg.body) for msg in srv.mailbox(b"Work").messages] == [(1, data)]
+    assert "the message is there twice" in m.log()
+    m.check_alive("after the refused expunge")
+    m.finish()
+
+
+def test_redate_whose_expunge_answer_is_lost_keeps_the_new_copy(rig, tmp_path):
+    """The expunge of the first copy happens, but its answer is lost, and
+    so is the answer on the fresh connection that asks again: the first
+    copy is gone, so the new one must stay (removing it would leave the
+    message nowhere), and the time is set."""
+    srv = rig.server(mailboxes=[Mailbox("INBOX", messages=[])],
+                     capabilities=("IMAP4rev1", "UIDPLUS"))
+    appends = install_append(srv)
+    install_store_copy_expunge(srv, refuse=set())
+    lost = []
+
+    def expunge_then_drop(conn, cmd):
+        if len(lost) < 2 and int(cmd.tokens[0]) == 1:
+            box = conn.selected
+            seq, msg = box.find(1)
+            if msg is not None:
+                box.messages.remove(msg)
+            lost.append(seq)
+            return [CLOSE]
+        return None
+    srv.hooks.insert(0, ["UID EXPUNGE", expunge_then_drop, False, False])
+    m = rig.mounted(srv)
+    data = sized_message(1, 600, word="redate lost")
+    src = tmp_path / "msg.eml"
+    src.write_bytes(data)
+    res = run(["cp", str(src), m.path("INBOX", "msg.eml")])
+    assert res.rc == 0, res
+    os.utime(m.path("INBOX", "msg.eml"), (1709629200, 1709629200))
+    assert len(lost) == 2, f"the expunge's answer was not lost twice: {lost}"
+    assert [(n, u) for n, u, _ in appends] == [(b"INBOX", 1), (b"INBOX", 2)], appends
+    assert [(msg.uid, msg.body) for msg in srv.mailbox(b"INBOX").messages] == [(2, data)], \
+        "the new copy did not stay alone"
+    assert os.listdir(m.path("INBOX")) == ["2.eml"]
+    assert run(["cat", m.path("INBOX", "2.eml")]).out == data
+    m.check_alive("after the lost answers")
     m.finish()
