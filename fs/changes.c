@@ -271,8 +271,11 @@ static int keep_original(struct fs_account *account, const char *mailbox, uint32
         retrying(unflag_deleted, account, mailbox, uid); /* its outcome is looked at next */
     struct flag_check check = { .uid = uid };
     int ret = on_selected_session(account, mailbox, 1, check_flags, &check, NULL);
-    if (ret == 0 && !check.probe.found)
+    if (ret == 0 && !check.probe.found) {
+        log_info("UID %u of %s went after all: its copy in %s (UID %u) stays", uid, mailbox,
+                 copy_mailbox, copy_uid);
         return 1;
+    }
     if (ret == 0 && check.probe.deleted && !was_deleted)
         ret = -EIO; /* still flagged: the copy must stay */
     if (ret == 0)
