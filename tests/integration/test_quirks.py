@@ -441,7 +441,6 @@ def test_redate_whose_expunge_answer_is_lost_keeps_the_new_copy(rig, tmp_path):
     srv = rig.server(mailboxes=[Mailbox("INBOX", messages=[])],
                      capabilities=("IMAP4rev1", "UIDPLUS"))
     appends = install_append(srv)
-    install_store_copy_expunge(srv, refuse=set())
     lost = []
 
     def expunge_then_drop(conn, cmd):
@@ -453,7 +452,8 @@ def test_redate_whose_expunge_answer_is_lost_keeps_the_new_copy(rig, tmp_path):
             lost.append(seq)
             return [CLOSE]
         return None
-    srv.hooks.insert(0, ["UID EXPUNGE", expunge_then_drop, False, False])
+    srv.on("UID EXPUNGE", expunge_then_drop)  # before the plain one: hooks go in order
+    install_store_copy_expunge(srv, refuse=set())
     m = rig.mounted(srv)
     data = sized_message(1, 600, word="redate lost")
     src = tmp_path / "msg.eml"
