@@ -148,29 +148,29 @@ static int expunge_uid(struct fs_account *account, const char *mailbox, uint32_t
     return ret;
 }
 
-static int unflag_deleted(struct fs_account *account, const char *mailbox, uint32_t uid)
+static int expunge_uid_retrying(struct fs_account *account, const char *mailbox, uint32_t uid)
 {
-    struct imap_session *session;
-    int ret = writable_session(account, mailbox, &session);
-
-    if (ret < 0)
-        return ret;
-    ret = imap_uid_store(session, uid, "-FLAGS", "\\Deleted");
-    fs_session_release(account, session);
+    int ret = expunge_uid(account, mailbox, uid);
+    if (ret == -EIO)
+        ret = expunge_uid(account, mailbox, uid); /* a fresh connection */
     return ret;
 }
 
-/* fn once more, on a fresh connection, when the first one broke. */
-static int retrying(int (*fn)(struct fs_account *, const char *, uint32_t),
-                    struct fs_account *account, const char *mailbox, uint32_t uid)
+/* UID STORE uid how (flags) in mailbox; a STORE is idempotent, so once
+ * more on a fresh connection when the first broke. */
+static int store_uid(struct fs_account *account, const char *mailbox, uint32_t uid,
+                     const char *how, const char *flags)
 {
-    int ret = fn(account, mailbox, uid);
-    return ret == -EIO ? fn(account, mailbox, uid) : ret;
-}
-
-static int expunge_uid_retrying(struct fs_account *account, const char *mailbox, uint32_t uid)
-{
-    return retrying(expunge_uid, account, mailbox, uid);
+    for (int attempt = 0;; attempt++) {
+        struct imap_session *session;
+        int ret = writable_session(account, mailbox, &session);
+        if (ret == 0) {
+            ret = imap_uid_store(session, uid, how, flags);
+            fs_session_release(account, session);
+        }
+        if (ret != -EIO || attempt > 0)
+            return ret;
+    }
 }
 
 /* Finds a message equal to data that appeared in mailbox at or after
@@ -268,7 +268,7 @@ static int keep_original(struct fs_account *account, const char *mailbox, uint32
                          int was_deleted, const char *copy_mailbox, uint32_t copy_uid)
 {
     if (!was_deleted)
-        retrying(unflag_deleted, account, mailbox, uid); /* its outcome is looked at next */
+        store_uid(account, mailbox, uid, "-FLAGS", "\\Deleted"); /* its outcome is looked at next */
     struct flag_check check = { .uid = uid };
     int ret = on_selected_session(account, mailbox, 1, check_flags, &check, NULL);
     if (ret == 0 && !check.probe.found) {
@@ -595,21 +595,11 @@ int fs_account_store_flags(struct fs_account *account, uint32_t folder_id, uint3
                            const char *flags)
 {
     struct message_ref ref;
-    struct imap_session *session;
     int ret = message_ref_get(account, folder_id, uid, &ref);
 
     if (ret < 0)
         return ret;
-    ret = writable_session(account, ref.mailbox, &session);
-    if (ret == 0) {
-        ret = imap_uid_store(session, uid, "FLAGS", flags);
-        fs_session_release(account, session);
-    }
-    if (ret == -EIO) /* setting flags is idempotent: once more on a fresh connection */
-        if ((ret = writable_session(account, ref.mailbox, &session)) == 0) {
-            ret = imap_uid_store(session, uid, "FLAGS", flags);
-            fs_session_release(account, session);
-        }
+    ret = store_uid(account, ref.mailbox, uid, "FLAGS", flags);
     if (ret == 0) {
         struct cache_message updated = ref.message;
         updated.flags = 0;
